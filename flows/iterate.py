@@ -1,0 +1,132 @@
+"""``python -m flows.iterate [overrides]``: iterative preference optimisation of a VLM.
+
+Hydra composes conf/ -> the Prefect flow ``iterate`` runs UV-CoT's Algorithm 2:
+
+    evaluate(f_0)                                            round_0/eval
+    for round i in 1..rounds:
+        candidates = generate(f_{i-1}, X_i)                  round_i/candidates
+        scores     = score(candidates, judge)                round_i/scores
+        pairs      = pair(scores, method) + ref log-probs    round_i/pairs
+        f_i        = train(f_{i-1}, pairs, loss)             round_i/checkpoint
+        evaluate(f_i)                                        round_i/eval
+
+Every stage writes an atomic directory under runs/<experiment>/<key>/, where <key> hashes
+the resolved config (minus keys that do not change results), so re-running a command
+resumes it: finished stages are skipped, unfinished ones redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+# Forward the library's progress logger to Prefect's run logs (read when prefect is imported).
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefloop")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from prefect import flow  # noqa: E402
+
+from flows.schema import NON_RESULT_KEYS, register  # noqa: E402
+from models.load import ModelUnavailable, check_available  # noqa: E402
+from tasks import tracking  # noqa: E402
+from tasks.artifacts import read_manifest  # noqa: E402
+from tasks.evaluate import evaluate  # noqa: E402
+from tasks.generate import generate  # noqa: E402
+from tasks.pair import pair  # noqa: E402
+from tasks.score import score  # noqa: E402
+from tasks.train import train  # noqa: E402
+
+
+def run_key(cfg: dict) -> str:
+    """Short hash of the config fields that change results."""
+    relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@flow(name="iterate")
+def iterate(cfg: dict) -> list[dict]:
+    key = run_key(cfg)
+    run_dir = Path(cfg["runs_dir"]) / cfg["experiment_name"] / key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    mlflow = tracking.client(cfg["tracking_uri"])
+    parent_id = tracking.start_experiment(mlflow, cfg, key, run_dir)
+
+    rounds = [{"round": 0, "evaluate": evaluate(str(run_dir), 0, cfg, None)}]
+    tracking.log_round(mlflow, parent_id, 0, {"evaluate": rounds[0]["evaluate"]})
+    policy = None  # None = the base model, f_0
+    for i in range(1, cfg["rounds"] + 1):
+        stages = {"generate": generate(str(run_dir), i, cfg, policy)}
+        stages["score"] = score(str(run_dir), i, cfg, stages["generate"])
+        stages["pair"] = pair(str(run_dir), i, cfg, stages["score"], policy)
+        stages["train"] = train(str(run_dir), i, cfg, stages["pair"], policy)
+        policy = stages["train"]
+        stages["evaluate"] = evaluate(str(run_dir), i, cfg, policy)
+        tracking.log_round(mlflow, parent_id, i, stages)
+        rounds.append({"round": i, **stages})
+
+    summary = [summarise(r) for r in rounds]
+    tracking.finish_experiment(mlflow, parent_id, summary)
+    print_summary(summary, run_dir, parent_id, cfg)
+    return summary
+
+
+def summarise(stages: dict) -> dict:
+    """One table row from a round's manifests: accuracy, pair count, stage wall times."""
+    row = {"round": stages["round"], "accuracy": read_manifest(stages["evaluate"])["metrics"]["accuracy"],
+           "malformed": read_manifest(stages["evaluate"])["metrics"]["malformed_rate"]}
+    if "pair" in stages:
+        row["pairs"] = read_manifest(stages["pair"])["counts"]["pairs"]
+    for name in ("generate", "score", "pair", "train", "evaluate"):
+        if name in stages:
+            row[f"{name}_s"] = read_manifest(stages[name])["timings"]["total_s"]
+    return row
+
+
+def print_summary(summary: list[dict], run_dir: Path, parent_id: str, cfg: dict) -> None:
+    columns = ["round", "accuracy", "malformed", "pairs", "generate_s", "score_s", "pair_s", "train_s", "evaluate_s"]
+    print("\n" + " | ".join(f"{c:>10}" for c in columns))
+    for row in summary:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            cells.append(f"{v:>10.3f}" if isinstance(v, float) else f"{v!s:>10}")
+        print(" | ".join(cells))
+    uri = cfg["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_URI
+    print(f"\nartifacts: {run_dir}\nMLflow parent run: {parent_id}\n"
+          f"open the UI: mlflow ui --backend-store-uri {uri}")
+
+
+def quiet_third_party_logs() -> None:
+    """Keep the console to stage progress: no per-request HTTP lines, no weight-loading bars."""
+    import logging
+
+    import transformers
+
+    for name in ("httpx", "httpcore", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    quiet_third_party_logs()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        check_available(container["model"])
+        iterate(container)
+    except ModelUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Structured-config schemas: a misspelt key, a wrong type or an unknown group option fails
+at composition time with Hydra's message, before anything runs.
+
+Components (methods, losses, judges, data sources) are dataclasses; their schema is derived
+from the dataclass itself plus a ``_target_`` field, so a component's parameters are declared
+once, in its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from evaluation.judges import CorrectnessJudge
+from evaluation.suites.shapes import ShapesSource
+from methods.reasoner import Reasoner
+from methods.seva import SeVa
+from models.losses import DPOLoss
+from models.tiny import TinySpec
+
+
+def schema_of(cls: type) -> type:
+    """A dataclass with ``_target_`` = cls's import path and cls's fields and defaults."""
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    hints = typing.get_type_hints(cls)
+    spec = [("_target_", str, field(default=target))]
+    for f in dataclasses.fields(cls):
+        default = (field(default=f.default) if f.default is not dataclasses.MISSING
+                   else field(default_factory=f.default_factory))
+        spec.append((f.name, hints[f.name], default))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", spec)
+
+
+@dataclass
+class LoraSchema:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Regex over module names: the language model's linear layers, not the vision tower or
+    # projector (as SeVa and LLaVA's own LoRA recipes do).
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class ModelSchema:
+    name_or_path: str = MISSING
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cache_dir: str = "runs/_models"  # where the embedded tiny model is built and cached
+    gen_batch_size: int = 32
+    lora: LoraSchema = field(default_factory=LoraSchema)
+    tiny: Optional[TinySpec] = None  # set only for the embedded default: build, then load
+
+
+@dataclass
+class DataSchema:
+    source: Any = MISSING  # a query source with .queries(split, start, stop, seed)
+    split: str = "train"
+
+
+@dataclass
+class EvalSchema:
+    source: Any = MISSING
+    split: str = "test"
+    size: int = 1000
+    batch_size: int = 64
+    max_new_tokens: int = 8
+
+
+@dataclass
+class TrainSchema:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs decide
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 2048  # longer pairs are dropped and counted, never truncated
+    ref_batch_size: int = 32
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    model: ModelSchema = MISSING
+    loss: Any = MISSING
+    data: DataSchema = MISSING
+    eval: EvalSchema = MISSING
+    judge: Any = MISSING
+    train: TrainSchema = MISSING
+    experiment_name: str = "prefloop"
+    rounds: int = 3
+    queries_per_round: int = 500
+    seed: int = 0
+    runs_dir: str = "runs"
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+
+
+# Keys that do not change results: left out of the run key so they can vary freely.
+# ``rounds`` is out too: round i always uses the i-th slice of queries_per_round queries,
+# so asking for more rounds extends a finished run instead of starting over.
+NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name")
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prefloop_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelSchema)
+    cs.store(group="data", name="data_schema", node=DataSchema)
+    cs.store(group="eval", name="eval_schema", node=EvalSchema)
+    cs.store(group="train", name="train_schema", node=TrainSchema)
+    cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
+    cs.store(group="method", name="reasoner_schema", node=schema_of(Reasoner))
+    cs.store(group="loss", name="dpo_schema", node=schema_of(DPOLoss))
+    cs.store(group="judge", name="correctness_schema", node=schema_of(CorrectnessJudge))

@@ -1,0 +1,79 @@
+"""What every stage task shares: retry policy, component construction, queries, models.
+
+Tasks receive the resolved config as a plain dict and paths as strings, never live objects.
+Components are built from their ``_target_`` here, in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from prefect.cache_policies import NO_CACHE
+
+from models.load import ModelUnavailable, load_policy, set_threads
+from models.records import Query
+from models.sampling import Policy
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry transient failures; a bad config, bad input or missing model fails at once."""
+    try:
+        state.result()
+    except (ModelUnavailable, ValueError, KeyError, TypeError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+# Directory artifacts are the source of truth for resuming, so Prefect's input-hash cache is
+# off: a cached return value could point at a directory a user deleted. Results are still
+# persisted so the UI shows each stage's output path.
+STAGE_OPTIONS = dict(
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=True,
+    cache_policy=NO_CACHE,
+)
+
+
+def build(component_cfg: dict):
+    """Instantiate a ``_target_`` config (method, loss, judge, data source)."""
+    return instantiate(component_cfg, _convert_="all")
+
+
+def round_queries(cfg: dict, round_index: int) -> list[Query]:
+    """Round i's fresh slice of the pool: queries [(i-1)*q, i*q) (UV-CoT Algorithm 2)."""
+    q = cfg["queries_per_round"]
+    source = build(cfg["data"]["source"])
+    return source.queries(cfg["data"]["split"], (round_index - 1) * q, round_index * q, cfg["seed"])
+
+
+def eval_queries(cfg: dict) -> list[Query]:
+    source = build(cfg["eval"]["source"])
+    return source.queries(cfg["eval"]["split"], 0, cfg["eval"]["size"], cfg["seed"])
+
+
+_cached: dict = {}
+
+
+def frozen_policy(cfg: dict, checkpoint: str | None) -> Policy:
+    """The policy in ``checkpoint`` (None: base) for inference; kept between stages of one
+    process so generate, pair (reference pass) and the next round's generate load it once."""
+    key = (checkpoint, repr(cfg["model"]))
+    if _cached.get("key") != key:
+        _cached.clear()
+        set_threads()
+        model, processor = load_policy(cfg["model"], checkpoint, trainable=False)
+        _cached.update(key=key, policy=Policy(model, processor, batch_size=cfg["model"]["gen_batch_size"]))
+    return _cached["policy"]
+
+
+def forget_policy() -> None:
+    _cached.clear()
+
+
+def round_dir(run_dir: str, round_index: int) -> Path:
+    return Path(run_dir) / f"round_{round_index}"

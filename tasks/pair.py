@@ -1,0 +1,50 @@
+"""Stage 3: the method turns scored candidates into chosen/rejected pairs, and the round's
+starting policy (the reference) scores them once in a batched no-grad pass.
+
+Output: ``pairs/`` as a Hugging Face dataset in TRL's conversational preference format
+(prompt, chosen, rejected, images) plus ref_chosen_logp / ref_rejected_logp columns, and
+``preview.jsonl`` (the first pairs, without images) for humans and MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import task
+
+from models.trainer import encode_pairs, reference_logps
+from tasks.artifacts import is_done, read_jsonl, stage_output, write_jsonl
+from tasks.common import STAGE_OPTIONS, build, frozen_policy, round_dir, round_queries
+
+PREVIEW_ROWS = 20
+
+
+@task(name="pair", **STAGE_OPTIONS)
+def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt: str | None) -> str:
+    import datasets
+
+    out = round_dir(run_dir, round_index) / "pairs"
+    if is_done(out):
+        return str(out)
+    with stage_output(out, "pair", {"scores": scores_dir, "policy": policy_ckpt}) as (tmp, manifest):
+        queries = {q["id"]: q for q in round_queries(cfg, round_index)}
+        scored = read_jsonl(Path(scores_dir) / "scores.jsonl")
+        pairs, method_counts = build(cfg["method"]).pair(scored, queries, seed=cfg["seed"] * 1000 + round_index)
+        dropped_long = 0
+        if pairs:
+            policy = frozen_policy(cfg, policy_ckpt)
+            start = time.perf_counter()
+            encoded, kept, dropped_long = encode_pairs(policy.processor, pairs, cfg["train"]["max_length"])
+            ref_chosen, ref_rejected = reference_logps(
+                policy.model, policy.processor, encoded, cfg["train"]["ref_batch_size"]
+            )
+            manifest["timings"]["reference_s"] = round(time.perf_counter() - start, 3)
+            pairs = [pairs[i] | {"ref_chosen_logp": c, "ref_rejected_logp": r}
+                     for i, c, r in zip(kept, ref_chosen, ref_rejected)]
+        if pairs:
+            datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "dataset"))
+        write_jsonl(tmp / "preview.jsonl", [{k: v for k, v in p.items() if k != "images"} for p in pairs[:PREVIEW_ROWS]])
+        manifest["counts"] = {"candidates": len(scored), "pairs": len(pairs), "dropped_too_long": dropped_long,
+                              **method_counts}
+    return str(out)
