@@ -66,7 +66,7 @@ class Reasoner:
                     images=[queries[qid]["image"]],
                     chosen=assistant_message(truncate_words(c["response"], self.max_words)),
                     rejected=assistant_message(truncate_words(w["response"], self.max_words)),
-                    score_chosen=c["score"], score_rejected=w["score"], method="reasoner",
+                    score_chosen=c["score"], score_rejected=w["score"], rejected_extra=[], method="reasoner",
                 ))
         return pairs, {"dropped_outside_band": outside_band, "dropped_no_contrast": no_contrast}
 

@@ -52,6 +52,6 @@ class SeVa:
             pairs.append(Pair(
                 pair_id=f"{qid}/seva", query_id=qid, prompt=chosen["prompt"], images=[queries[qid]["image"]],
                 chosen=assistant_message(chosen["response"]), rejected=assistant_message(rejected["response"]),
-                score_chosen=chosen["score"], score_rejected=rejected["score"], method="seva",
+                score_chosen=chosen["score"], score_rejected=rejected["score"], rejected_extra=[], method="seva",
             ))
         return pairs, {"dropped_equal": equal}

@@ -55,6 +55,7 @@ class Pair(TypedDict):
     rejected: list[dict]
     score_chosen: float
     score_rejected: float
+    rejected_extra: list[str]  # further rejected texts for multi-negative losses ([] if none)
     method: str
 
 

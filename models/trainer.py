@@ -4,6 +4,9 @@ Inputs are pair rows (``models.records.Pair`` plus ``ref_chosen_logp`` / ``ref_r
 filled in by ``reference_logps`` in a batched no-grad pass of the round's starting policy),
 so no reference model sits in memory during training.
 
+Losses are called as ``loss_fn(policy: PairLogps, reference: PairLogps, batch)`` where
+``batch`` holds ``index`` (pair indices), ``score_chosen`` and ``score_rejected`` ([B] tensors).
+
 Chosen and rejected sequences of a batch run in one forward pass ([chosen; rejected],
 2B sequences), the loss is averaged over pairs, AdamW with linear warm-up and cosine decay.
 """
@@ -91,6 +94,8 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
     encoded, kept, _ = encode_pairs(processor, pairs, cfg["max_length"])
     ref_chosen = torch.tensor([pairs[i]["ref_chosen_logp"] for i in kept])
     ref_rejected = torch.tensor([pairs[i]["ref_rejected_logp"] for i in kept])
+    score_chosen = torch.tensor([float(pairs[i]["score_chosen"]) for i in kept])
+    score_rejected = torch.tensor([float(pairs[i]["score_rejected"]) for i in kept])
     pad_id = processor.tokenizer.pad_token_id
     device = next(model.parameters()).device
     micro = cfg["batch_size"] // cfg["grad_accum"]
@@ -121,7 +126,9 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
             policy = pair_logps(model, [encoded[i] for i in idx], pad_id)
             reference = PairLogps(ref_chosen[idx].to(device), ref_rejected[idx].to(device),
                                   policy.chosen_tokens, policy.rejected_tokens)
-            loss, metrics = loss_fn(policy, reference, {"index": idx})
+            extras = {"index": idx, "score_chosen": score_chosen[idx].to(device),
+                      "score_rejected": score_rejected[idx].to(device)}
+            loss, metrics = loss_fn(policy, reference, extras)
             (loss.sum() / len(batch_idx)).backward()
             for name, value in {"loss": loss.mean(), **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * len(idx) / len(batch_idx)
