@@ -105,8 +105,10 @@ def quiet_third_party_logs() -> None:
     """Keep the console to stage progress: no per-request HTTP lines, no weight-loading bars."""
     import logging
 
+    import datasets
     import transformers
 
+    datasets.disable_progress_bars()
     for name in ("httpx", "httpcore", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
