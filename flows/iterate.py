@@ -30,7 +30,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from prefect import flow  # noqa: E402
 
-from flows.schema import NON_RESULT_KEYS, register  # noqa: E402
+from flows.schema import NON_RESULT_KEYS, ConfigError, register, validate  # noqa: E402
 from models.load import ModelUnavailable, check_available  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.artifacts import read_manifest  # noqa: E402
@@ -121,11 +121,12 @@ register()
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     quiet_third_party_logs()
-    container = OmegaConf.to_container(cfg, resolve=True)
     try:
+        validate(cfg)
+        container = OmegaConf.to_container(cfg, resolve=True)
         check_available(container["model"])
         iterate(container)
-    except ModelUnavailable as err:
+    except (ModelUnavailable, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

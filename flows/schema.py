@@ -110,6 +110,41 @@ class Config:
 NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name")
 
 
+class ConfigError(ValueError):
+    """A composed config that its schema rejects; the message names the key and the fix."""
+
+
+COMPONENT_GROUPS = ("method", "loss", "judge")
+
+
+def validate(cfg) -> None:
+    """Re-check a composed config against the schemas, including keys added with ``+key=``
+    (Hydra's force-add bypasses struct mode) and each component's own dataclass."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def check(schema, node, where: str) -> None:
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), node)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"invalid config in {where}: {err.msg if hasattr(err, 'msg') else err}") from None
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    components = {g: plain.pop(g) for g in COMPONENT_GROUPS}
+    check(Config, OmegaConf.create(plain | {g: {} for g in COMPONENT_GROUPS}), "the top-level config")
+    for group, node in components.items():
+        target = node.get("_target_")
+        if not target:
+            raise ConfigError(f"{group} has no _target_; choose an option with {group}=<name>")
+        try:
+            cls = get_class(target)
+        except Exception as err:
+            raise ConfigError(f"{group}._target_={target!r} cannot be imported: {err}") from None
+        if dataclasses.is_dataclass(cls):
+            check(schema_of(cls), OmegaConf.create(node), f"'{group}' ({target})")
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="prefloop_schema", node=Config)

@@ -1,0 +1,59 @@
+from collections import Counter
+
+import pytest
+
+from evaluation.suites.shapes import (QUESTION_TYPES, ShapesSpec, answer_space, load_split, make_queries,
+                                      spec_from_config)
+
+
+def test_deterministic_per_seed_and_split():
+    a = make_queries("train", 30, seed=3)
+    b = make_queries("train", 30, seed=3)
+    assert [q["question"] for q in a] == [q["question"] for q in b]
+    assert [q["image"].tobytes() for q in a] == [q["image"].tobytes() for q in b]
+    other_seed = make_queries("train", 30, seed=4)
+    other_split = make_queries("test", 30, seed=3)
+    assert [q["image"].tobytes() for q in a] != [q["image"].tobytes() for q in other_seed]
+    assert [q["image"].tobytes() for q in a] != [q["image"].tobytes() for q in other_split]
+
+
+def test_question_types_balanced_and_answers_valid():
+    spec = ShapesSpec()
+    queries = make_queries("test", 500, seed=0, spec=spec)
+    counts = Counter(q["qtype"] for q in queries)
+    assert set(counts) == set(QUESTION_TYPES) and set(counts.values()) == {100}
+    space = answer_space(spec)
+    assert all(q["answer"] in space for q in queries)
+    exist = Counter(q["answer"] for q in queries if q["qtype"] == "exist")
+    assert 35 <= exist["yes"] <= 65
+
+
+def test_boxes_inside_image_and_target_box_is_an_object():
+    for q in make_queries("train", 200, seed=1):
+        assert q["image"].size == (64, 64)
+        for x0, y0, x1, y1 in q["boxes"]:
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        if q["target_box"]:
+            assert q["target_box"] in q["boxes"]
+        if q["qtype"] == "count":
+            assert q["answer"] == ["zero", "one", "two", "three"][len(q["boxes"])]
+
+
+def test_position_answer_matches_target_box():
+    for q in make_queries("test", 300, seed=2):
+        if q["qtype"] == "position":
+            cx = (q["target_box"][0] + q["target_box"][2]) / 2
+            assert q["answer"] == ("left" if cx < 32 else "right")
+
+
+def test_hf_dataset_split_has_qtype_and_images():
+    ds = load_split("test", 10, seed=0)
+    assert ds.num_rows == 10 and "qtype" in ds.column_names
+    assert ds[0]["image"].size == (64, 64)
+
+
+def test_bad_spec_fails_clearly():
+    with pytest.raises(ValueError, match="unknown shapes suite keys"):
+        spec_from_config({"colours": ["red"]})
+    with pytest.raises(ValueError, match="unknown colours"):
+        ShapesSpec(colors=("red", "teal"))
