@@ -131,7 +131,7 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
             loss, metrics = loss_fn(policy, reference, extras)
             (loss.sum() / len(batch_idx)).backward()
             for name, value in {"loss": loss.mean(), **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * len(idx) / len(batch_idx)
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(idx) / len(batch_idx)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         optimizer.step()
         scheduler.step()

@@ -1,0 +1,75 @@
+"""Pair builders on fixed inputs."""
+
+from PIL import Image
+
+from methods.reasoner import Reasoner, truncate_words
+from methods.seva import SeVa
+from models.records import message_text, user_prompt
+
+
+def _query(qid: str, answer: str = "red"):
+    return {"id": qid, "image": Image.new("RGB", (8, 8), (qid.__hash__() % 255, 0, 0)), "question": f"q {qid}?",
+            "answer": answer, "qtype": "colour", "boxes": [], "target_box": [], "source": "test"}
+
+
+def _scored(qid, cid, response, score, extras):
+    return {"query_id": qid, "candidate_id": cid, "prompt": user_prompt(f"q {qid}?"), "response": response,
+            "extras": extras, "score": score, "score_parts": {}}
+
+
+def test_seva_pairs_clean_over_noised_and_drops_equal_answers():
+    queries = {q["id"]: q for q in (_query("a"), _query("b"), _query("c"))}
+    scored = [
+        _scored("a", "a/none", "red", 1.0, {"augmentation": "none"}),
+        _scored("a", "a/d", "blue", 0.0, {"augmentation": "diffusion800"}),
+        _scored("b", "b/none", "Red.", 1.0, {"augmentation": "none"}),
+        _scored("b", "b/d", "red", 1.0, {"augmentation": "diffusion800"}),  # equal after normalising
+        _scored("c", "c/none", "green", 0.0, {"augmentation": "none"}),
+        _scored("c", "c/d", "red", 1.0, {"augmentation": "diffusion800"}),  # SeVa ignores correctness
+    ]
+    pairs, counts = SeVa().pair(scored, queries, seed=0)
+    assert counts == {"dropped_equal": 1}
+    assert [(p["query_id"], message_text(p["chosen"]), message_text(p["rejected"])) for p in pairs] == [
+        ("a", "red", "blue"), ("c", "green", "red")]
+    # training uses the ORIGINAL image for both responses
+    assert pairs[0]["images"][0] is queries["a"]["image"]
+    assert pairs[1]["score_chosen"] == 0.0 and pairs[1]["score_rejected"] == 1.0
+
+
+def _samples(qid, results):
+    return [_scored(qid, f"{qid}/{i}", text, score, {"sample": i}) for i, (text, score) in enumerate(results)]
+
+
+def test_reasoner_band_cap_and_distinct_responses():
+    queries = {q: _query(q) for q in ("easy", "hard", "mid", "dup")}
+    scored = (
+        _samples("easy", [("red", 1.0)] * 8)  # accuracy 1.0 > 0.85: dropped
+        + _samples("hard", [("blue", 0.0)] * 7 + [("red", 1.0)])  # accuracy 0.125 < 0.25: dropped
+        + _samples("mid", [("red", 1.0)] * 2 + [("red.", 1.0)] * 2 + [("blue", 0.0), ("green", 0.0),
+                                                                        ("one", 0.0), ("no", 0.0)])
+        + _samples("dup", [("red", 1.0)] * 4 + [("blue", 0.0)] * 4)  # 1 distinct x 1 distinct
+    )
+    pairs, counts = Reasoner(max_pairs_per_query=3).pair(scored, queries, seed=0)
+    assert counts == {"dropped_outside_band": 2, "dropped_no_contrast": 0}
+    mid = [p for p in pairs if p["query_id"] == "mid"]
+    dup = [p for p in pairs if p["query_id"] == "dup"]
+    assert len(mid) == 3 and len(dup) == 1
+    assert all(p["score_chosen"] == 1.0 and p["score_rejected"] == 0.0 for p in pairs)
+    assert len({(message_text(p["chosen"]), message_text(p["rejected"])) for p in mid}) == 3
+    assert (message_text(dup[0]["chosen"]), message_text(dup[0]["rejected"])) == ("red", "blue")
+
+
+def test_reasoner_band_is_inclusive_and_configurable():
+    queries = {"q": _query("q")}
+    scored = _samples("q", [("red", 1.0)] * 2 + [("blue", 0.0)] * 6)  # accuracy exactly 0.25
+    assert len(Reasoner().pair(scored, queries, seed=0)[0]) == 1
+    assert Reasoner(accuracy_band=[0.3, 0.9]).pair(scored, queries, seed=0)[1]["dropped_outside_band"] == 1
+
+
+def test_reasoner_truncates_to_90_words():
+    long_right = " ".join(["word"] * 120) + " red"
+    queries = {"q": _query("q")}
+    scored = _samples("q", [(long_right, 1.0), ("blue", 0.0)])
+    pair = Reasoner().pair(scored, queries, seed=0)[0][0]
+    assert len(message_text(pair["chosen"]).split()) == 90
+    assert truncate_words("a b c", 2) == "a b" and truncate_words("a b", 2) == "a b"
