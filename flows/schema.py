@@ -20,7 +20,19 @@ from evaluation.judges import CorrectnessJudge
 from evaluation.suites.shapes import ShapesSource
 from methods.reasoner import Reasoner
 from methods.seva import SeVa
-from models.losses import DPOLoss
+from models.losses import (
+    BCOLoss,
+    BCOPairLoss,
+    CDPOLoss,
+    DPOLoss,
+    HingeLoss,
+    IPOLoss,
+    MPOLoss,
+    MultiNegativeDPOLoss,
+    RobustDPOLoss,
+    SDPOLoss,
+    SFTLoss,
+)
 from models.tiny import TinySpec
 
 
@@ -155,4 +167,14 @@ def register() -> None:
     cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
     cs.store(group="method", name="reasoner_schema", node=schema_of(Reasoner))
     cs.store(group="loss", name="dpo_schema", node=schema_of(DPOLoss))
+    cs.store(group="loss", name="ipo_schema", node=schema_of(IPOLoss))
+    cs.store(group="loss", name="cdpo_schema", node=schema_of(CDPOLoss))
+    cs.store(group="loss", name="robust_schema", node=schema_of(RobustDPOLoss))
+    cs.store(group="loss", name="hinge_schema", node=schema_of(HingeLoss))
+    cs.store(group="loss", name="sdpo_schema", node=schema_of(SDPOLoss))
+    cs.store(group="loss", name="bco_schema", node=schema_of(BCOLoss))
+    cs.store(group="loss", name="bco_pair_schema", node=schema_of(BCOPairLoss))
+    cs.store(group="loss", name="sft_schema", node=schema_of(SFTLoss))
+    cs.store(group="loss", name="multi_negative_dpo_schema", node=schema_of(MultiNegativeDPOLoss))
+    cs.store(group="loss", name="mpo_schema", node=schema_of(MPOLoss))
     cs.store(group="judge", name="correctness_schema", node=schema_of(CorrectnessJudge))
