@@ -1,0 +1,119 @@
+"""The whole loop on the tiny model: rounds run, parameters change, MLflow gets the metrics,
+and a SIGKILLed run resumes without recomputing finished stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def compose_cfg(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from flows.schema import register, validate
+
+    register()
+    with initialize_config_module("conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+REASONER = ["method=reasoner", "method.num_samples=4", "method.accuracy_band=[0.0,1.0]"]
+
+
+def test_two_rounds_change_parameters_and_reach_mlflow(prefect_harness, tmp_path, tiny_cache, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    from flows.iterate import iterate, run_key
+
+    cfg = compose_cfg(tiny_overrides(tmp_path, tiny_cache) + REASONER + ["rounds=2"])
+    summary = iterate(cfg)
+    assert [row["round"] for row in summary] == [0, 1, 2]
+    assert all(row["pairs"] > 0 for row in summary[1:])
+
+    run_dir = tmp_path / "runs" / "prefloop" / run_key(cfg)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained = load_file(str(run_dir / "round_1" / "checkpoint" / "model.safetensors"))
+    changed = [k for k in base if not (base[k] == trained[k]).all()]
+    assert changed, "training left every parameter unchanged"
+
+    client = MlflowClient(cfg["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("prefloop").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("prefloop.kind") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted(r.data.tags["prefloop.round"] for r in children) == ["0", "1", "2"]
+    round_1 = next(r for r in children if r.data.tags["prefloop.round"] == "1")
+    for metric in ("eval/accuracy", "eval/accuracy/colour", "train/loss", "train/rewards/accuracy",
+                   "train/rewards/margin", "count/pairs", "count/candidates", "time/train_s", "time/generate_s"):
+        assert metric in round_1.data.metrics, metric
+    history = client.get_metric_history(parents[0].info.run_id, "eval/accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert {a.path for a in client.list_artifacts(round_1.info.run_id)} >= {"eval", "pairs", "checkpoint"}
+
+    # Same config again: every stage is skipped, MLflow gets no duplicate runs.
+    again = iterate(cfg)
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in summary]
+    runs_after = client.search_runs([parents[0].info.experiment_id])
+    assert len(runs_after) == len(runs)
+
+
+def test_zero_pair_round_carries_policy_forward(prefect_harness, tmp_path, tiny_cache, tiny_model_dir):
+    from flows.iterate import iterate, run_key
+
+    # An empty accuracy band keeps no query: the round yields zero pairs.
+    cfg = compose_cfg(tiny_overrides(tmp_path, tiny_cache) + ["method=reasoner", "method.num_samples=2",
+                                                              "method.accuracy_band=[2.0,3.0]", "rounds=1"])
+    summary = iterate(cfg)
+    assert summary[1]["pairs"] == 0
+    checkpoint = tmp_path / "runs" / "prefloop" / run_key(cfg) / "round_1" / "checkpoint"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["counts"]["carried_forward"] == 1
+    assert json.loads((checkpoint / "policy.json").read_text())["path"] == str(tiny_model_dir)
+    assert summary[1]["accuracy"] == summary[0]["accuracy"]
+
+
+def _finished(run_dir: Path) -> dict[str, str]:
+    return {str(m.parent.relative_to(run_dir)): json.loads(m.read_text())["finished_at"]
+            for m in run_dir.glob("round_*/*/manifest.json")}
+
+
+def test_sigkill_during_training_resumes_without_recomputing(prefect_harness, tmp_path, tiny_cache, tiny_model_dir):
+    from prefect.settings import get_current_settings
+
+    overrides = tiny_overrides(tmp_path, tiny_cache) + REASONER + ["rounds=2", "train.max_steps=300"]
+    env = os.environ | {"PREFECT_API_URL": str(get_current_settings().api.url)}
+    command = [sys.executable, "-m", "flows.iterate", *overrides]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    partial = []
+    while time.time() < deadline and proc.poll() is None and not partial:
+        partial = list((tmp_path / "runs").glob("prefloop/*/round_2/checkpoint.tmp-*"))
+        time.sleep(0.05)
+    assert partial, "the run never reached round 2's training"
+    time.sleep(1.0)  # well inside training (300 steps)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = partial[0].parent.parent
+    before = _finished(run_dir)
+    assert "round_1/checkpoint" in before and "round_2/pairs" in before and "round_2/checkpoint" not in before
+
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = _finished(run_dir)
+    assert {k: after[k] for k in before} == before, "a finished stage was recomputed"
+    assert "round_2/checkpoint" in after and "round_2/eval" in after
+    assert not list(run_dir.glob("round_*/*.tmp-*"))
