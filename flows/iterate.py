@@ -26,19 +26,19 @@ from pathlib import Path
 # Forward the library's progress logger to Prefect's run logs (read when prefect is imported).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefloop")
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from prefect import flow  # noqa: E402
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from prefect import flow
 
-from flows.schema import NON_RESULT_KEYS, ConfigError, register, validate  # noqa: E402
-from models.load import ModelUnavailable, check_available  # noqa: E402
-from tasks import tracking  # noqa: E402
-from tasks.artifacts import read_manifest  # noqa: E402
-from tasks.evaluate import evaluate  # noqa: E402
-from tasks.generate import generate  # noqa: E402
-from tasks.pair import pair  # noqa: E402
-from tasks.score import score  # noqa: E402
-from tasks.train import train  # noqa: E402
+from flows.schema import NON_RESULT_KEYS, ConfigError, register, validate
+from models.load import ModelUnavailable, check_available
+from tasks import tracking
+from tasks.artifacts import read_manifest
+from tasks.evaluate import evaluate
+from tasks.generate import generate
+from tasks.pair import pair
+from tasks.score import score
+from tasks.train import train
 
 
 def run_key(cfg: dict) -> str:
@@ -48,13 +48,13 @@ def run_key(cfg: dict) -> str:
 
 
 @flow(name="iterate")
-def iterate(cfg: dict) -> list[dict]:
+def iterate(cfg: dict, sweep: str | None = None) -> list[dict]:
     key = run_key(cfg)
     run_dir = Path(cfg["runs_dir"]) / cfg["experiment_name"] / key
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     mlflow = tracking.client(cfg["tracking_uri"])
-    parent_id = tracking.start_experiment(mlflow, cfg, key, run_dir)
+    parent_id = tracking.start_experiment(mlflow, cfg, key, run_dir, sweep)
 
     rounds = [{"round": 0, "evaluate": evaluate(str(run_dir), 0, cfg, None)}]
     tracking.log_round(mlflow, parent_id, 0, {"evaluate": rounds[0]["evaluate"]})
@@ -71,7 +71,7 @@ def iterate(cfg: dict) -> list[dict]:
 
     summary = [summarise(r) for r in rounds]
     tracking.finish_experiment(mlflow, parent_id, summary)
-    print_summary(summary, run_dir, parent_id, cfg)
+    print_summary(summary, run_dir, parent_id, cfg, sweep)
     return summary
 
 
@@ -87,7 +87,7 @@ def summarise(stages: dict) -> dict:
     return row
 
 
-def print_summary(summary: list[dict], run_dir: Path, parent_id: str, cfg: dict) -> None:
+def print_summary(summary: list[dict], run_dir: Path, parent_id: str, cfg: dict, sweep: str | None) -> None:
     columns = ["round", "accuracy", "malformed", "pairs", "generate_s", "score_s", "pair_s", "train_s", "evaluate_s"]
     print("\n" + " | ".join(f"{c:>10}" for c in columns))
     for row in summary:
@@ -99,6 +99,8 @@ def print_summary(summary: list[dict], run_dir: Path, parent_id: str, cfg: dict)
     uri = cfg["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_URI
     print(f"\nartifacts: {run_dir}\nMLflow parent run: {parent_id}\n"
           f"open the UI: mlflow ui --backend-store-uri {uri}")
+    if sweep:
+        print(f"sweep: {sweep}  (compare its runs: python -m flows.compare {sweep})")
 
 
 def quiet_third_party_logs() -> None:
@@ -115,6 +117,17 @@ def quiet_third_party_logs() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def sweep_id() -> str | None:
+    """Under ``-m`` (Hydra multirun) every job of one sweep shares this id (its sweep dir)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).as_posix().replace("/", "_").removeprefix("multirun_")
+
+
 register()
 
 
@@ -125,7 +138,7 @@ def main(cfg: DictConfig) -> None:
         validate(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
         check_available(container["model"])
-        iterate(container)
+        iterate(container, sweep=sweep_id())
     except (ModelUnavailable, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

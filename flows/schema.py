@@ -100,6 +100,15 @@ class TrainSchema:
 
 
 @dataclass
+class FaultSchema:
+    """Fault injection, off by default: raise in ``stage`` of ``round`` on its first attempt
+    only, to prove that retries and resumption work."""
+
+    stage: Optional[str] = None  # generate | score | pair | train | evaluate
+    round: int = 1
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     model: ModelSchema = MISSING
@@ -114,12 +123,13 @@ class Config:
     seed: int = 0
     runs_dir: str = "runs"
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    fault: FaultSchema = field(default_factory=FaultSchema)
 
 
 # Keys that do not change results: left out of the run key so they can vary freely.
 # ``rounds`` is out too: round i always uses the i-th slice of queries_per_round queries,
 # so asking for more rounds extends a finished run instead of starting over.
-NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name")
+NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault")
 
 
 class ConfigError(ValueError):

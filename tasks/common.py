@@ -75,5 +75,32 @@ def forget_policy() -> None:
     _cached.clear()
 
 
+class InjectedFault(RuntimeError):
+    """Raised by fault injection (config ``fault.stage``); retried like any transient error."""
+
+
+STAGES = ("generate", "score", "pair", "train", "evaluate")
+
+
+def inject_fault(cfg: dict, stage: str, round_index: int, out_dir: Path) -> None:
+    """Fail this stage's first attempt when ``fault.stage`` names it (off by default).
+
+    A marker file beside the stage directory records that the fault fired, so the retry
+    (or a re-run of the command) goes through."""
+    fault = cfg.get("fault") or {}
+    if fault.get("stage") is None:
+        return
+    if fault["stage"] not in STAGES:
+        raise ValueError(f"fault.stage={fault['stage']!r} is not a stage; choose from {', '.join(STAGES)}")
+    if fault["stage"] != stage or fault.get("round", 1) != round_index:
+        return
+    marker = out_dir.parent / f"{out_dir.name}.fault-injected"
+    if marker.exists():
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("1")
+    raise InjectedFault(f"injected fault in stage {stage!r} of round {round_index} (first attempt)")
+
+
 def round_dir(run_dir: str, round_index: int) -> Path:
     return Path(run_dir) / f"round_{round_index}"

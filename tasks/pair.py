@@ -15,7 +15,7 @@ from prefect import task
 
 from models.trainer import encode_pairs, reference_logps
 from tasks.artifacts import is_done, read_jsonl, stage_output, write_jsonl
-from tasks.common import STAGE_OPTIONS, build, frozen_policy, round_dir, round_queries
+from tasks.common import STAGE_OPTIONS, build, frozen_policy, inject_fault, round_dir, round_queries
 
 PREVIEW_ROWS = 20
 
@@ -27,6 +27,7 @@ def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt
     out = round_dir(run_dir, round_index) / "pairs"
     if is_done(out):
         return str(out)
+    inject_fault(cfg, "pair", round_index, out)
     with stage_output(out, "pair", {"scores": scores_dir, "policy": policy_ckpt}) as (tmp, manifest):
         queries = {q["id"]: q for q in round_queries(cfg, round_index)}
         scored = read_jsonl(Path(scores_dir) / "scores.jsonl")

@@ -36,17 +36,21 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_experiment(c: MlflowClient, cfg: dict, key: str, run_dir: Path) -> str:
-    """The parent run of this experiment key: found if it exists, else created with params."""
+def start_experiment(c: MlflowClient, cfg: dict, key: str, run_dir: Path, sweep: str | None = None) -> str:
+    """The parent run of this experiment key: found if it exists, else created with params.
+    ``sweep`` tags the run with the Hydra multirun it belongs to (latest sweep wins)."""
     experiment = c.get_experiment_by_name(cfg["experiment_name"])
     experiment_id = experiment.experiment_id if experiment else c.create_experiment(cfg["experiment_name"])
     found = c.search_runs([experiment_id], f"tags.`prefloop.key` = '{key}' and tags.`prefloop.kind` = 'parent'")
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
+        if sweep:
+            c.set_tag(run_id, "prefloop.sweep", sweep)
         return run_id
     run = c.create_run(experiment_id, run_name=f"{cfg['method']['_target_'].split('.')[-1]}-{key}",
-                       tags={"prefloop.key": key, "prefloop.kind": "parent", "prefloop.run_dir": str(run_dir)})
+                       tags={"prefloop.key": key, "prefloop.kind": "parent", "prefloop.run_dir": str(run_dir),
+                             **({"prefloop.sweep": sweep} if sweep else {})})
     params = flatten(cfg)
     items = list(params.items())
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
@@ -121,3 +125,38 @@ def _log_checkpoint(c: MlflowClient, run_id: str, checkpoint: Path) -> None:
 def finish_experiment(c: MlflowClient, parent_id: str, summary: list[dict]) -> None:
     c.log_dict(parent_id, {"rounds": summary}, "summary.json")
     c.set_terminated(parent_id, "FINISHED")
+
+
+def parent_runs(c: MlflowClient, selector: str) -> list[dict]:
+    """Parent runs of a sweep id or an experiment name, with their per-round accuracy curves.
+
+    Returns [{"run_id", "name", "method", "loss", "sweep", "accuracy": {round: value}}]."""
+    experiments = c.search_experiments()
+    by_name = [e for e in experiments if e.name == selector]
+    ids = [e.experiment_id for e in (by_name or experiments)]
+    query = "tags.`prefloop.kind` = 'parent'"
+    if not by_name:
+        query += f" and tags.`prefloop.sweep` = '{selector}'"
+    rows = []
+    for run in c.search_runs(ids, query, order_by=["attributes.start_time ASC"]):
+        history = c.get_metric_history(run.info.run_id, "eval/accuracy")
+        rows.append({
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "method": run.data.params.get("method._target_", "?").rsplit(".", 1)[-1],
+            "loss": run.data.params.get("loss._target_", "?").rsplit(".", 1)[-1],
+            "sweep": run.data.tags.get("prefloop.sweep", ""),
+            "accuracy": {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)},
+        })
+    return rows
+
+
+def log_comparison(c: MlflowClient, selector: str, files: list[Path]) -> str:
+    """Log comparison outputs (table, chart) to a run named ``compare-<selector>``."""
+    experiment = c.get_experiment_by_name(selector)
+    experiment_id = experiment.experiment_id if experiment else c.get_experiment_by_name("Default").experiment_id
+    run = c.create_run(experiment_id, run_name=f"compare-{selector}", tags={"prefloop.kind": "comparison"})
+    for path in files:
+        c.log_artifact(run.info.run_id, str(path))
+    c.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -12,7 +12,7 @@ from prefect import task
 from models.load import load_policy, read_policy, save_policy, set_threads
 from models.trainer import train_pairs
 from tasks.artifacts import is_done, read_manifest, stage_output, write_json, write_jsonl
-from tasks.common import STAGE_OPTIONS, build, forget_policy, round_dir
+from tasks.common import STAGE_OPTIONS, build, forget_policy, inject_fault, round_dir
 
 
 @task(name="train", **STAGE_OPTIONS)
@@ -22,6 +22,7 @@ def train(run_dir: str, round_index: int, cfg: dict, pairs_dir: str, policy_ckpt
     out = round_dir(run_dir, round_index) / "checkpoint"
     if is_done(out):
         return str(out)
+    inject_fault(cfg, "train", round_index, out)
     with stage_output(out, "train", {"pairs": pairs_dir, "policy": policy_ckpt}) as (tmp, manifest):
         parent = read_policy(policy_ckpt, cfg["model"])
         n_pairs = read_manifest(pairs_dir)["counts"]["pairs"]
