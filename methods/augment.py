@@ -32,3 +32,50 @@ class DiffusionNoise:
         noise = torch.randn(pixel_values.shape, generator=self.generator, dtype=torch.float32)
         noised = self.abar**0.5 * pixel_values.float() + (1 - self.abar) ** 0.5 * noise
         return noised.to(pixel_values.dtype)
+
+
+# --- Image-space augmentations (SeVa Table 1). Each takes a PIL image and a random.Random
+# and returns a new PIL image; ``strength`` in [0, 1] scales how far it moves the image.
+
+
+def horizontal_flip(image, rng, strength: float = 1.0):
+    from PIL import ImageOps
+
+    return ImageOps.mirror(image)
+
+
+def random_resized_crop(image, rng, strength: float = 0.5):
+    """Crop a random area fraction in [1 - strength * 0.92, 1] (0.08 at full strength, as
+    torchvision's default) with aspect ratio in [3/4, 4/3], resized back to the input size."""
+    w, h = image.size
+    min_area = 1.0 - strength * 0.92
+    for _ in range(10):
+        area = rng.uniform(min_area, 1.0) * w * h
+        ratio = rng.uniform(3 / 4, 4 / 3)
+        cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return image.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h))
+    return image.copy()
+
+
+def moco_style(image, rng, strength: float = 0.5):
+    """MoCo v2's composition: random resized crop, colour jitter (p=0.8), grayscale (p=0.2),
+    Gaussian blur (p=0.5), horizontal flip (p=0.5); jitter and blur scale with strength."""
+    from PIL import ImageEnhance, ImageFilter, ImageOps
+
+    out = random_resized_crop(image, rng, strength)
+    if rng.random() < 0.8:
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            out = enhancer(out).enhance(1.0 + rng.uniform(-0.4, 0.4) * strength * 2)
+    if rng.random() < 0.2:
+        out = ImageOps.grayscale(out).convert("RGB")
+    if rng.random() < 0.5:
+        out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * strength))
+    if rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    return out
+
+
+IMAGE_AUGMENTATIONS = {"flip": horizontal_flip, "crop": random_resized_crop, "moco": moco_style}
+AUGMENTATIONS = ("diffusion", *IMAGE_AUGMENTATIONS)

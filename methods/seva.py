@@ -2,56 +2,85 @@
 
 One round, for each query of the slice:
     chosen   = greedy answer on the original image
-    rejected = greedy answer on the augmented image T(I) (default: diffusion noise, t=500)
+    rejected = greedy answer on the augmented image T(I) (default: diffusion noise, t=800)
 Pairs whose two answers are equal (after normalisation) carry no preference and are dropped.
 Training uses the ORIGINAL image for both responses (the pair's ``images``).
 The judge's scores are recorded for diagnostics; SeVa's pairing does not use them.
+
+With several ``augmentations`` (e.g. [diffusion, crop, moco]) each gives one rejected
+candidate; the first answer that differs from the chosen one is ``rejected`` and the other
+differing answers go to ``rejected_extra``, for SeVa's multi-negative DPO (appendix, eq. 18).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 from evaluation.metrics import normalise
-from methods.augment import DiffusionNoise
+from methods.augment import AUGMENTATIONS, IMAGE_AUGMENTATIONS, DiffusionNoise
 from models.records import Candidate, Pair, Query, Scored, assistant_message, user_prompt
 from models.sampling import Policy
 
 
 @dataclass
 class SeVa:
-    noise_step: int = 500
+    augmentations: list[str] = field(default_factory=lambda: ["diffusion"])
+    noise_step: int = 800
+    strength: float = 0.5  # crop / moco strength in [0, 1]
     max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.augmentations if a not in AUGMENTATIONS]
+        if unknown or not self.augmentations:
+            raise ValueError(f"method.augmentations={self.augmentations}: choose one or more of {AUGMENTATIONS}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"method.strength={self.strength} must be in [0, 1]")
 
     def generate(self, policy: Policy, queries: list[Query], seed: int) -> list[Candidate]:
         prompts = [user_prompt(q["question"]) for q in queries]
         images = [[q["image"]] for q in queries]
-        clean = policy.generate(prompts, images, max_new_tokens=self.max_new_tokens, label="seva clean")
-        noise = DiffusionNoise(self.noise_step, seed=seed)
-        noised = policy.generate(
-            prompts, images, max_new_tokens=self.max_new_tokens, pixel_transform=noise, label="seva noised"
-        )
-        candidates = []
-        for q, prompt, c, n in zip(queries, prompts, clean, noised):
-            for aug, text in (("none", c[0]), (f"diffusion{self.noise_step}", n[0])):
-                candidates.append(Candidate(query_id=q["id"], candidate_id=f"{q['id']}/{aug}", prompt=prompt,
-                                            response=text, extras={"augmentation": aug}))
-        return candidates
+        answers = {"none": policy.generate(prompts, images, max_new_tokens=self.max_new_tokens, label="seva clean")}
+        for aug in self.augmentations:
+            answers[aug] = self._augmented_answers(policy, prompts, images, aug, seed)
+        return [
+            Candidate(query_id=q["id"], candidate_id=f"{q['id']}/{aug}", prompt=prompt, response=texts[i][0],
+                      extras={"augmentation": aug})
+            for i, (q, prompt) in enumerate(zip(queries, prompts))
+            for aug, texts in answers.items()
+        ]
+
+    def _augmented_answers(self, policy: Policy, prompts, images, aug: str, seed: int) -> list[list[str]]:
+        label = f"seva {aug}"
+        if aug == "diffusion":
+            noise = DiffusionNoise(self.noise_step, seed=seed)
+            return policy.generate(prompts, images, max_new_tokens=self.max_new_tokens, pixel_transform=noise,
+                                   label=label)
+        rng = random.Random(f"{seed}-{aug}")
+        augment = IMAGE_AUGMENTATIONS[aug]
+        changed = [[augment(img, rng, self.strength) for img in imgs] for imgs in images]
+        return policy.generate(prompts, changed, max_new_tokens=self.max_new_tokens, label=label)
 
     def pair(self, scored: list[Scored], queries: dict[str, Query], seed: int) -> tuple[list[Pair], dict]:
         by_query: dict[str, dict[str, Scored]] = {}
         for s in scored:
-            key = "chosen" if s["extras"]["augmentation"] == "none" else "rejected"
-            by_query.setdefault(s["query_id"], {})[key] = s
+            by_query.setdefault(s["query_id"], {})[s["extras"]["augmentation"]] = s
         pairs, equal = [], 0
-        for qid, both in by_query.items():
-            chosen, rejected = both["chosen"], both["rejected"]
-            if normalise(chosen["response"]) == normalise(rejected["response"]):
+        for qid, cands in by_query.items():
+            chosen = cands.pop("none")
+            negatives, seen = [], {normalise(chosen["response"])}
+            for cand in cands.values():  # in augmentation order
+                if normalise(cand["response"]) not in seen:
+                    seen.add(normalise(cand["response"]))
+                    negatives.append(cand)
+            if not negatives:
                 equal += 1
                 continue
+            rejected = negatives[0]
             pairs.append(Pair(
                 pair_id=f"{qid}/seva", query_id=qid, prompt=chosen["prompt"], images=[queries[qid]["image"]],
                 chosen=assistant_message(chosen["response"]), rejected=assistant_message(rejected["response"]),
-                score_chosen=chosen["score"], score_rejected=rejected["score"], rejected_extra=[], method="seva",
+                score_chosen=chosen["score"], score_rejected=rejected["score"],
+                rejected_extra=[n["response"] for n in negatives[1:]], method="seva",
             ))
         return pairs, {"dropped_equal": equal}

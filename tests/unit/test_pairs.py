@@ -21,11 +21,11 @@ def test_seva_pairs_clean_over_noised_and_drops_equal_answers():
     queries = {q["id"]: q for q in (_query("a"), _query("b"), _query("c"))}
     scored = [
         _scored("a", "a/none", "red", 1.0, {"augmentation": "none"}),
-        _scored("a", "a/d", "blue", 0.0, {"augmentation": "diffusion800"}),
+        _scored("a", "a/d", "blue", 0.0, {"augmentation": "diffusion"}),
         _scored("b", "b/none", "Red.", 1.0, {"augmentation": "none"}),
-        _scored("b", "b/d", "red", 1.0, {"augmentation": "diffusion800"}),  # equal after normalising
+        _scored("b", "b/d", "red", 1.0, {"augmentation": "diffusion"}),  # equal after normalising
         _scored("c", "c/none", "green", 0.0, {"augmentation": "none"}),
-        _scored("c", "c/d", "red", 1.0, {"augmentation": "diffusion800"}),  # SeVa ignores correctness
+        _scored("c", "c/d", "red", 1.0, {"augmentation": "diffusion"}),  # SeVa ignores correctness
     ]
     pairs, counts = SeVa().pair(scored, queries, seed=0)
     assert counts == {"dropped_equal": 1}
@@ -73,3 +73,36 @@ def test_reasoner_truncates_to_90_words():
     pair = Reasoner().pair(scored, queries, seed=0)[0][0]
     assert len(message_text(pair["chosen"]).split()) == 90
     assert truncate_words("a b c", 2) == "a b" and truncate_words("a b", 2) == "a b"
+
+
+def test_seva_multi_negative_collects_distinct_wrong_answers():
+    queries = {"a": _query("a")}
+    scored = [
+        _scored("a", "a/none", "red", 1.0, {"augmentation": "none"}),
+        _scored("a", "a/diffusion", "blue", 0.0, {"augmentation": "diffusion"}),
+        _scored("a", "a/crop", "red", 1.0, {"augmentation": "crop"}),  # same as chosen: not a negative
+        _scored("a", "a/moco", "green", 0.0, {"augmentation": "moco"}),
+        _scored("a", "a/flip", "Blue", 0.0, {"augmentation": "flip"}),  # duplicate negative
+    ]
+    (pair,), _ = SeVa(augmentations=["diffusion", "crop", "moco", "flip"]).pair(scored, queries, seed=0)
+    assert message_text(pair["rejected"]) == "blue" and pair["rejected_extra"] == ["green"]
+
+
+def test_image_augmentations_keep_size_and_change_pixels():
+    import random
+
+    from evaluation.suites.shapes import make_queries
+    from methods.augment import IMAGE_AUGMENTATIONS
+
+    image = make_queries("train", 1, seed=0)[0]["image"]
+    for name, augment in IMAGE_AUGMENTATIONS.items():
+        out = augment(image, random.Random(1), 0.8)
+        assert out.size == image.size and out.mode == "RGB", name
+        assert out.tobytes() != image.tobytes(), name
+
+
+def test_seva_rejects_unknown_augmentation():
+    import pytest
+
+    with pytest.raises(ValueError, match="choose one or more of"):
+        SeVa(augmentations=["blurr"])
