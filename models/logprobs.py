@@ -1,14 +1,36 @@
 """Per-sequence log-probabilities of completions given an (image, prompt) prefix.
 
 A sequence is ``prompt ids (image tokens expanded by the processor) + completion ids + eos``.
-Batches are LEFT padded with explicit ``position_ids``, so every completion ends at the last
-position and the LM head only needs the last ``max_completion_len + 1`` positions
-(``logits_to_keep``): prompt, image and padding positions never reach the vocabulary
-projection, and never count in the sums.
+Only completion tokens (EOS included) count: prompt, image and padding positions never enter
+a sum, and every function also returns the number of counted tokens, so mean log-probs
+(``sum / n``) are available for SFT and length-normalised losses.
 
-Shapes: B sequences, L padded length, K = longest completion + 1.
-    input_ids, attention_mask, position_ids: [B, L]; completion_mask: [B, L]
-    sequence_logps -> (sum_logp [B], n_tokens [B])
+Two engines compute the same numbers (they agree to ~1e-6 in float32, see
+tests/unit/test_logprobs.py):
+
+``sequence_logps`` (concatenated): one row per (prompt, completion). Batches are LEFT padded
+with explicit ``position_ids``, so every completion ends at the last position and the LM head
+only runs on the last ``max_completion_len + 1`` positions (``logits_to_keep``). For a
+preference pair the vision tower and the prompt run once per response (TRL's layout).
+
+``shared_prefix_logps`` (shared prefix): several completions of the same prompt (chosen and
+rejected, or more negatives). The left-padded prompt batch, pixel values included, runs ONCE
+with ``use_cache=True`` and ``logits_to_keep=1``: the KV cache holds the prefix and the one
+kept logit (the last prompt position) predicts each completion's first token. The cache is then
+expanded to one row per completion (``Cache.batch_repeat_interleave``, a differentiable copy)
+and all completions run in one forward against it, right padded, with
+``position_ids = prompt_len + j`` and a 2-D mask ``[prompt mask | completion mask]``. Gradients
+flow through the cache into the prefix and the vision tower; the cache is private to one call
+and discarded. Cost per pair: one vision pass and one prompt pass instead of two.
+
+Shapes: B prompts, n completions per prompt, Lp padded prompt length, Lc longest completion.
+    sequence_logps(Encoded [B, L])                      -> (sum_logp [B], n_tokens [B])
+    shared_prefix_logps(B prompts, B x n completions)   -> (sum_logp [B, n], n_tokens [B, n])
+
+Image placeholders: the number of image tokens in ``input_ids`` must equal the number of
+image features the vision tower returns; ``check_image_tokens`` fails loudly before a forward
+when they cannot match. Sequences are never truncated (a cut could fall inside the image
+tokens): callers drop over-long pairs instead (``models.trainer.encode_pairs``).
 """
 
 from __future__ import annotations
@@ -28,7 +50,7 @@ class Encoded:
     completion_mask: torch.Tensor
     vision: dict  # processor outputs besides text ids: pixel_values (+ image_sizes, grid_thw...)
 
-    def to(self, device) -> "Encoded":
+    def to(self, device) -> Encoded:
         return Encoded(
             self.input_ids.to(device),
             self.attention_mask.to(device),
@@ -56,6 +78,13 @@ def completion_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def _cat_vision(prompts: list[EncodedPrompt]) -> dict:
+    vision: dict = {}
+    for key in sorted({k for p in prompts for k in p.vision}):
+        vision[key] = torch.cat([p.vision[key] for p in prompts if key in p.vision], dim=0)
+    return vision
+
+
 def collate(prompts: list[EncodedPrompt], completions: list[list[int]], pad_id: int) -> Encoded:
     """Left-pad prompt+completion sequences; ``prompts[i]`` pairs with ``completions[i]``."""
     seqs = [p.ids + c for p, c in zip(prompts, completions)]
@@ -69,12 +98,80 @@ def collate(prompts: list[EncodedPrompt], completions: list[list[int]], pad_id: 
         attention_mask[i, length - len(seq) :] = 1
         completion_mask[i, length - len(comp) :] = True
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    vision: dict = {}
-    keys = {k for p in prompts for k in p.vision}
-    for key in keys:
-        parts = [p.vision[key] for p in prompts if key in p.vision]
-        vision[key] = torch.cat(parts, dim=0)
-    return Encoded(input_ids, attention_mask, position_ids, completion_mask, vision)
+    return Encoded(input_ids, attention_mask, position_ids, completion_mask, _cat_vision(prompts))
+
+
+# --- image placeholders ------------------------------------------------------------------
+
+
+def image_token_id(model) -> int | None:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def image_features_per_image(model) -> int | None:
+    """Features one image yields in LLaVA-style models (fixed-resolution CLIP/SigLIP tower and
+    a per-patch projector); None when the model does not say (then the model's own check runs)."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    strategy = getattr(config, "vision_feature_select_strategy", None)
+    if vision is None or strategy not in ("default", "full") or getattr(config, "model_type", "") != "llava":
+        return None
+    side = vision.image_size // vision.patch_size
+    cls = 1 if getattr(vision, "model_type", "") == "clip_vision_model" else 0  # CLIP prepends CLS
+    return side * side + cls - (1 if strategy == "default" else 0)  # "default" drops the first feature
+
+
+def check_image_tokens(model, input_ids: torch.Tensor, vision: dict, *more_ids: torch.Tensor) -> None:
+    """Raise a ValueError naming both counts when the image placeholders in ``input_ids`` (and
+    in ``more_ids``, e.g. completions fed after a cached prefix) cannot match the features the
+    vision tower will return for ``vision["pixel_values"]``."""
+    token_id = image_token_id(model)
+    if token_id is None:
+        return
+    n_tokens = sum(int((ids == token_id).sum()) for ids in (input_ids, *more_ids))
+    pixel_values = vision.get("pixel_values")
+    n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+    per_image = image_features_per_image(model)
+    if pixel_values is not None and per_image is None:
+        return  # variable-resolution towers: the model checks its own counts
+    n_features = n_images * (per_image or 0)
+    if n_tokens != n_features:
+        raise ValueError(
+            f"image tokens and image features disagree: input_ids hold {n_tokens} image tokens "
+            f"(id {token_id}) but the vision tower gives {n_features} features "
+            f"({n_images} images x {per_image} per image). Fix: encode prompts with the processor "
+            "saved with this model (its patch_size, vision_feature_select_strategy and "
+            "num_additional_image_tokens must match the model config); never truncate inside the "
+            "image tokens (drop over-long pairs, as encode_pairs does); and never let sampling emit "
+            "the image token in a completion (models.sampling.banned_token_ids)."
+        )
+
+
+def _forward(model, **kwargs):
+    """``model(**kwargs)`` with the model's own image/feature mismatch error made explicit."""
+    try:
+        return model(**kwargs)
+    except Exception as err:
+        if "image" in str(err).lower() and "match" in str(err).lower():
+            raise ValueError(
+                f"{err}. The processor's image-token expansion does not match this model's vision "
+                "tower: encode with the processor saved with the model, and never truncate inside "
+                "the image tokens."
+            ) from err
+        raise
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target], in float32."""
+    return torch.gather(logits.float().log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# --- concatenated engine -------------------------------------------------------------------
 
 
 def sequence_logps(model, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +179,11 @@ def sequence_logps(model, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
 
     Position t's logits predict token t+1, so with K = longest completion + 1 the last K
     logits cover every completion token."""
+    check_image_tokens(model, batch.input_ids, batch.vision)
     n_completion = batch.completion_mask.sum(-1)
     keep = int(n_completion.max().item()) + 1
-    out = model(
+    out = _forward(
+        model,
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
@@ -92,8 +191,128 @@ def sequence_logps(model, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         use_cache=False,
         **batch.vision,
     )
-    logits = out.logits[:, :-1].float()  # [B, K-1, V] predicting the last K-1 tokens
+    logits = out.logits[:, :-1]  # [B, K-1, V] predicting the last K-1 tokens
     targets = batch.input_ids[:, -(keep - 1) :]
     mask = batch.completion_mask[:, -(keep - 1) :]
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    token_logps = _token_logps(logits, targets)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+# --- shared-prefix engine ------------------------------------------------------------------
+
+
+@dataclass
+class SharedPrefixBatch:
+    """A left-padded prompt batch and its right-padded completions, n per prompt.
+
+    prompt_ids, prompt_mask, prompt_positions: [B, Lp]   (left padded)
+    first_targets: [B*n]          first completion token of each row (row b*n + k)
+    cont_ids, cont_mask, cont_positions: [B*n, Lc-1]   completion tokens fed to the model
+        (all but the last), right padded (cont_mask: 1 on real inputs, the attention mask);
+        positions continue from each prompt's length
+    cont_targets, target_mask: [B*n, Lc-1]   the tokens they predict, True where real
+    n_tokens: [B*n]               completion lengths (EOS included)
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_positions: torch.Tensor
+    vision: dict
+    first_targets: torch.Tensor
+    cont_ids: torch.Tensor
+    cont_mask: torch.Tensor
+    cont_positions: torch.Tensor
+    cont_targets: torch.Tensor
+    target_mask: torch.Tensor
+    n_tokens: torch.Tensor
+    n: int
+
+    def to(self, device) -> SharedPrefixBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        moved["vision"] = {k: v.to(device) for k, v in self.vision.items()}
+        return SharedPrefixBatch(**moved)
+
+
+def collate_shared(prompts: list[EncodedPrompt], completions: list[list[list[int]]], pad_id: int) -> SharedPrefixBatch:
+    """``completions[b]`` are the n (>= 1) completions of ``prompts[b]``, each non-empty
+    (``completion_ids`` always ends with EOS)."""
+    B = len(prompts)
+    n = len(completions[0])
+    if any(len(c) != n for c in completions) or any(len(seq) == 0 for c in completions for seq in c):
+        raise ValueError("collate_shared needs the same number of non-empty completions for every prompt")
+    Lp = max(len(p.ids) for p in prompts)
+    prompt_ids = torch.full((B, Lp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((B, Lp), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        prompt_ids[b, Lp - len(p.ids) :] = torch.tensor(p.ids)
+        prompt_mask[b, Lp - len(p.ids) :] = 1
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    rows = [seq for c in completions for seq in c]  # row b*n + k
+    prompt_len = torch.tensor([len(p.ids) for p in prompts]).repeat_interleave(n)
+    Lc = max(len(r) for r in rows)
+    cont = torch.full((B * n, Lc), pad_id, dtype=torch.long)
+    real = torch.zeros((B * n, Lc), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cont[i, : len(r)] = torch.tensor(r)
+        real[i, : len(r)] = 1
+    return SharedPrefixBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompt_positions=prompt_positions,
+        vision=_cat_vision(prompts),
+        first_targets=cont[:, 0],
+        cont_ids=cont[:, :-1],
+        cont_mask=real[:, :-1],
+        cont_positions=prompt_len[:, None] + torch.arange(Lc - 1)[None, :],
+        cont_targets=cont[:, 1:],
+        target_mask=real[:, 1:].bool(),
+        n_tokens=real.sum(-1),
+        n=n,
+    )
+
+
+def checkpointing_drops_cache(model) -> bool:
+    """True when transformers would silently drop the KV cache: activation (gradient)
+    checkpointing in training mode. ``shared_prefix_logps`` cannot run then."""
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def shared_prefix_logps(model, batch: SharedPrefixBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs [B, n] and token counts [B, n], prefix computed once.
+
+    Not usable under activation checkpointing in training mode (transformers drops the cache
+    there; use ``sequence_logps``, as ``models.trainer.pair_logps`` does automatically)."""
+    if checkpointing_drops_cache(model):
+        raise RuntimeError("shared_prefix_logps needs the KV cache, which activation checkpointing disables in "
+                           "training mode; use the concatenated path (pair_logps(..., shared_prefix=False))")
+    # Completion tokens must hold no image placeholder either (a sampled <image> token).
+    check_image_tokens(model, batch.prompt_ids, batch.vision, batch.first_targets, batch.cont_targets[batch.target_mask])
+    B, n = batch.prompt_ids.shape[0], batch.n
+    prefix = _forward(
+        model,
+        input_ids=batch.prompt_ids,
+        attention_mask=batch.prompt_mask,
+        position_ids=batch.prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **batch.vision,
+    )
+    # The last prompt position predicts every completion's first token.
+    first_logits = prefix.logits[:, -1].repeat_interleave(n, dim=0)  # [B*n, V]
+    logps = _token_logps(first_logits, batch.first_targets)  # [B*n]
+    if batch.cont_ids.shape[1] > 0:
+        cache = prefix.past_key_values
+        if cache is None or cache.get_seq_length() != batch.prompt_ids.shape[1]:
+            raise RuntimeError("the prefix forward returned no usable KV cache (use_cache ignored by this model?)")
+        if n > 1:
+            cache.batch_repeat_interleave(n)  # rebinds layer tensors: differentiable, prefix untouched
+        out = model(
+            input_ids=batch.cont_ids,
+            attention_mask=torch.cat([batch.prompt_mask.repeat_interleave(n, dim=0), batch.cont_mask], dim=1),
+            position_ids=batch.cont_positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        rest = _token_logps(out.logits, batch.cont_targets)  # [B*n, Lc-1]
+        logps = logps + (rest * batch.target_mask).sum(-1)
+    return logps.view(B, n), batch.n_tokens.view(B, n)

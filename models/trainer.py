@@ -7,8 +7,9 @@ so no reference model sits in memory during training.
 Losses are called as ``loss_fn(policy: PairLogps, reference: PairLogps, batch)`` where
 ``batch`` holds ``index`` (pair indices), ``score_chosen`` and ``score_rejected`` ([B] tensors).
 
-Chosen and rejected sequences of a batch run in one forward pass ([chosen; rejected],
-2B sequences), the loss is averaged over pairs, AdamW with linear warm-up and cosine decay.
+Each pair's image and prompt run once; chosen and rejected continue from the shared prefix's
+KV cache (``pair_logps``), the loss is averaged over pairs, AdamW with linear warm-up and
+cosine decay.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from models.logprobs import EncodedPrompt, collate, completion_ids, encode_prompt, sequence_logps
+from models.logprobs import (
+    EncodedPrompt,
+    checkpointing_drops_cache,
+    collate,
+    collate_shared,
+    completion_ids,
+    encode_prompt,
+    sequence_logps,
+    shared_prefix_logps,
+)
 from models.losses import PairLogps
 from models.progress import Progress
 from models.records import message_text
@@ -50,9 +60,19 @@ def encode_pairs(processor, pairs: list[dict], max_length: int) -> tuple[list[En
     return encoded, kept, dropped
 
 
-def pair_logps(model, batch: list[EncodedPair], pad_id: int) -> PairLogps:
-    """Policy log-probs of chosen and rejected for a batch of pairs (one forward, 2B rows)."""
+def pair_logps(model, batch: list[EncodedPair], pad_id: int, shared_prefix: bool = True) -> PairLogps:
+    """Policy log-probs of chosen and rejected for a batch of B pairs (fields [B]).
+
+    ``shared_prefix=True``: the image and prompt of each pair run once, chosen and rejected
+    continue from their KV cache (``models.logprobs.shared_prefix_logps``).
+    ``shared_prefix=False``: [chosen; rejected] run as 2B full sequences (TRL's layout; kept for
+    comparison and parity tests; also used automatically under activation checkpointing, which
+    disables the KV cache). Both give the same sums and counts."""
     device = next(model.parameters()).device
+    if shared_prefix and not checkpointing_drops_cache(model):
+        shared = collate_shared([p.prompt for p in batch], [[p.chosen, p.rejected] for p in batch], pad_id)
+        logps, ntok = shared_prefix_logps(model, shared.to(device))
+        return PairLogps(logps[:, 0], logps[:, 1], ntok[:, 0], ntok[:, 1])
     prompts = [p.prompt for p in batch] * 2
     completions = [p.chosen for p in batch] + [p.rejected for p in batch]
     logps, ntok = sequence_logps(model, collate(prompts, completions, pad_id).to(device))
@@ -60,17 +80,18 @@ def pair_logps(model, batch: list[EncodedPair], pad_id: int) -> PairLogps:
     return PairLogps(logps[:B], logps[B:], ntok[:B], ntok[B:])
 
 
-@torch.no_grad()
 def reference_logps(model, processor, encoded: list[EncodedPair], batch_size: int) -> tuple[list[float], list[float]]:
-    """Summed log-probs of chosen and rejected under ``model`` (the round's starting policy)."""
+    """Summed log-probs of chosen and rejected under ``model`` (the round's starting policy),
+    in a batched pass under ``torch.inference_mode`` with the shared-prefix engine."""
     model.eval()
     chosen, rejected = [], []
     progress = Progress("reference log-probs", len(encoded), unit="pairs")
-    for start in range(0, len(encoded), batch_size):
-        out = pair_logps(model, encoded[start : start + batch_size], processor.tokenizer.pad_token_id)
-        chosen += out.chosen.tolist()
-        rejected += out.rejected.tolist()
-        progress.update(len(encoded[start : start + batch_size]))
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            out = pair_logps(model, encoded[start : start + batch_size], processor.tokenizer.pad_token_id)
+            chosen += out.chosen.tolist()
+            rejected += out.rejected.tolist()
+            progress.update(len(encoded[start : start + batch_size]))
     return chosen, rejected
 
 
