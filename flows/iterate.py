@@ -61,11 +61,11 @@ def iterate(cfg: dict, sweep: str | None = None) -> list[dict]:
     policy = None  # None = the base model, f_0
     for i in range(1, cfg["rounds"] + 1):
         stages = {"generate": generate(str(run_dir), i, cfg, policy)}
-        stages["score"] = score(str(run_dir), i, cfg, stages["generate"])
+        stages["score"] = score(str(run_dir), i, cfg, stages["generate"], policy)
         stages["pair"] = pair(str(run_dir), i, cfg, stages["score"], policy)
         stages["train"] = train(str(run_dir), i, cfg, stages["pair"], policy)
-        policy = stages["train"]
-        stages["evaluate"] = evaluate(str(run_dir), i, cfg, policy)
+        start, policy = policy, stages["train"]
+        stages["evaluate"] = evaluate(str(run_dir), i, cfg, policy, reference_ckpt=start)
         tracking.log_round(mlflow, parent_id, i, stages)
         rounds.append({"round": i, **stages})
 

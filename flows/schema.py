@@ -16,8 +16,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from evaluation.judges import CorrectnessJudge
+from evaluation.judges import AnchorJudge, CorrectnessJudge, RatingJudge, YesNoJudge
 from evaluation.suites.shapes import ShapesSource
+from methods.mpo import MPO
 from methods.reasoner import Reasoner
 from methods.seva import SeVa
 from models.losses import (
@@ -83,6 +84,10 @@ class EvalSchema:
     size: int = 1000
     batch_size: int = 64
     max_new_tokens: int = 8
+    # Re-rank N sampled answers by the DPO implicit reward (evaluation/rerank.py); 0 = off.
+    rerank_samples: int = 0
+    rerank_temperature: float = 1.0
+    rerank_beta: float = 0.1
 
 
 @dataclass
@@ -176,6 +181,7 @@ def register() -> None:
     cs.store(group="train", name="train_schema", node=TrainSchema)
     cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
     cs.store(group="method", name="reasoner_schema", node=schema_of(Reasoner))
+    cs.store(group="method", name="mpo_schema", node=schema_of(MPO))
     cs.store(group="loss", name="dpo_schema", node=schema_of(DPOLoss))
     cs.store(group="loss", name="ipo_schema", node=schema_of(IPOLoss))
     cs.store(group="loss", name="cdpo_schema", node=schema_of(CDPOLoss))
@@ -188,3 +194,6 @@ def register() -> None:
     cs.store(group="loss", name="multi_negative_dpo_schema", node=schema_of(MultiNegativeDPOLoss))
     cs.store(group="loss", name="mpo_schema", node=schema_of(MPOLoss))
     cs.store(group="judge", name="correctness_schema", node=schema_of(CorrectnessJudge))
+    cs.store(group="judge", name="yesno_schema", node=schema_of(YesNoJudge))
+    cs.store(group="judge", name="rating_schema", node=schema_of(RatingJudge))
+    cs.store(group="judge", name="anchor_schema", node=schema_of(AnchorJudge))

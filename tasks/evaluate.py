@@ -1,7 +1,13 @@
 """Stage 5: held-out exact-match accuracy of a policy, overall and per question type.
 
 Greedy decoding; a response outside the suite's answer space counts as malformed (and wrong).
-Scored by the same CorrectnessJudge that pairs correctness-based methods."""
+Scored by the same CorrectnessJudge that pairs correctness-based methods.
+
+With ``eval.rerank_samples`` = N > 0 (off by default), a trained round also re-ranks N sampled
+answers per query by the DPO implicit reward beta * (log pi(y|x) - log ref(y|x)), where ref is
+the round's starting policy (``reference_ckpt``), and adds best-of-N, reward-weighted vote and
+majority vote accuracy to eval.json as ``rerank/*`` (evaluation/rerank.py;
+seeds/llava-reasoner-dpo.txt, sec. 5.2)."""
 
 from __future__ import annotations
 
@@ -9,17 +15,23 @@ from prefect import task
 
 from evaluation.judges import CorrectnessJudge
 from evaluation.metrics import accuracy_table, normalise
-from models.records import user_prompt
+from evaluation.rerank import implicit_rewards, rerank_metrics
+from models.records import Query, user_prompt
 from tasks.artifacts import is_done, stage_output, write_json, write_jsonl
 from tasks.common import STAGE_OPTIONS, build, eval_queries, frozen_policy, round_dir
 
 
 @task(name="evaluate", **STAGE_OPTIONS)
-def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None) -> str:
+def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
+             reference_ckpt: str | None = None) -> str:
+    """``reference_ckpt``: the round's starting policy (None: the base model); read only when
+    re-ranking is on and ``round_index`` > 0 (round 0's policy is untrained)."""
     out = round_dir(run_dir, round_index) / "eval"
     if is_done(out):
         return str(out)
-    with stage_output(out, "evaluate", {"policy": policy_ckpt}) as (tmp, manifest):
+    rerank = cfg["eval"].get("rerank_samples", 0) > 0 and round_index > 0
+    inputs = {"policy": policy_ckpt} | ({"reference": reference_ckpt} if rerank else {})
+    with stage_output(out, "evaluate", inputs) as (tmp, manifest):
         queries = eval_queries(cfg)
         policy = frozen_policy(cfg, policy_ckpt)
         responses = policy.generate(
@@ -33,6 +45,11 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None)
         correct = [judge.score_one(t, q["answer"]) == 1.0 for t, q in zip(texts, queries)]
         malformed = [normalise(t) not in answers for t in texts]
         table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+        if rerank:
+            rerank_table, rows = rerank_eval(cfg, queries, policy_ckpt, reference_ckpt, judge,
+                                             seed=cfg["seed"] * 1000 + round_index)
+            table |= rerank_table
+            write_jsonl(tmp / "rerank.jsonl", rows)
         write_json(tmp / "eval.json", table)
         write_jsonl(tmp / "predictions.jsonl", [
             {"id": q["id"], "qtype": q["qtype"], "question": q["question"], "answer": q["answer"],
@@ -40,3 +57,43 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None)
         manifest["counts"] = {"eval_items": len(queries)}
         manifest["metrics"] = table
     return str(out)
+
+
+def rerank_eval(cfg: dict, queries: list[Query], policy_ckpt: str | None, reference_ckpt: str | None,
+                judge: CorrectnessJudge, seed: int) -> tuple[dict, list[dict]]:
+    """Sample N answers per query from the policy, score each distinct (query, answer) under the
+    policy and the reference, and re-rank. Returns (rerank/* metrics, per-query rows)."""
+    from models.logprobs import encode_prompt
+    from models.scoring import completion_logps
+
+    ecfg = cfg["eval"]
+    n = ecfg["rerank_samples"]
+    prompts = [user_prompt(q["question"]) for q in queries]
+    policy = frozen_policy(cfg, policy_ckpt)
+    samples = policy.generate(
+        prompts, [[q["image"]] for q in queries], max_new_tokens=ecfg["max_new_tokens"],
+        temperature=ecfg.get("rerank_temperature", 1.0), num_samples=n, seed=seed,
+        batch_size=ecfg["batch_size"], label="rerank sample",
+    )
+    # Short answers repeat: each distinct (query, response) is scored once.
+    distinct = sorted({(qi, text) for qi, texts in enumerate(samples) for text in texts})
+    logps = {}
+    for name, ckpt in (("policy", policy_ckpt), ("reference", reference_ckpt)):
+        model = frozen_policy(cfg, ckpt)
+        encoded = {}
+        rows = [encoded.setdefault(qi, encode_prompt(model.processor, prompts[qi], [queries[qi]["image"]]))
+                for qi, _ in distinct]
+        sums, _ = completion_logps(model, rows, [text for _, text in distinct],
+                                   batch_size=cfg["train"]["ref_batch_size"], label=f"rerank {name} log-probs")
+        logps[name] = dict(zip(distinct, sums))
+    items, out_rows = [], []
+    for qi, (q, texts) in enumerate(zip(queries, samples)):
+        rewards = implicit_rewards([logps["policy"][(qi, t)] for t in texts],
+                                   [logps["reference"][(qi, t)] for t in texts], ecfg.get("rerank_beta", 0.1))
+        items.append({"keys": [judge.canonical(t) for t in texts], "rewards": rewards,
+                      "correct": [judge.score_one(t, q["answer"]) == 1.0 for t in texts]})
+    metrics, picks = rerank_metrics(items)
+    for q, texts, item, pick in zip(queries, samples, items, picks):
+        out_rows.append({"id": q["id"], "answer": q["answer"], "samples": texts, "rewards": item["rewards"],
+                         "correct": item["correct"], "picks": pick})
+    return metrics, out_rows
