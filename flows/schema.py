@@ -106,6 +106,7 @@ class TrainSchema:
 
 @dataclass
 class FaultSchema:
+    save_every: int = 0  # > 0: save the full training state every N steps so a killed stage resumes
     """Fault injection, off by default: raise in ``stage`` of ``round`` on its first attempt
     only, to prove that retries and resumption work."""
 

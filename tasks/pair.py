@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import task
 
-from models.trainer import encode_pairs, reference_logps
+from models.trainer import encode_pairs, reference_pass
 from tasks.artifacts import is_done, read_jsonl, stage_output, write_jsonl
 from tasks.common import STAGE_OPTIONS, build, frozen_policy, inject_fault, round_dir, round_queries
 
@@ -31,18 +31,26 @@ def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt
     with stage_output(out, "pair", {"scores": scores_dir, "policy": policy_ckpt}) as (tmp, manifest):
         queries = {q["id"]: q for q in round_queries(cfg, round_index)}
         scored = read_jsonl(Path(scores_dir) / "scores.jsonl")
-        pairs, method_counts = build(cfg["method"]).pair(scored, queries, seed=cfg["seed"] * 1000 + round_index)
+        method = build(cfg["method"])
+        pairs, method_counts = method.pair(scored, queries, seed=cfg["seed"] * 1000 + round_index)
         dropped_long = 0
-        if pairs:
+        if pairs and hasattr(method, "reference_pass"):
+            # Hook: a method whose training rows are not chosen/rejected pairs (judge_grpo: GRPO
+            # rollout groups) scores them under the round's starting policy itself and returns
+            # (rows with their old/reference log-probs, number dropped as too long).
+            start = time.perf_counter()
+            pairs, dropped_long = method.reference_pass(frozen_policy(cfg, policy_ckpt), pairs, cfg["train"])
+            manifest["timings"]["reference_s"] = round(time.perf_counter() - start, 3)
+        elif pairs:  # DPO-family methods: chosen/rejected reference log-probs
             policy = frozen_policy(cfg, policy_ckpt)
             start = time.perf_counter()
             encoded, kept, dropped_long = encode_pairs(policy.processor, pairs, cfg["train"]["max_length"])
-            ref_chosen, ref_rejected = reference_logps(
+            ref_chosen, ref_rejected, ref_extra = reference_pass(
                 policy.model, policy.processor, encoded, cfg["train"]["ref_batch_size"]
             )
             manifest["timings"]["reference_s"] = round(time.perf_counter() - start, 3)
-            pairs = [pairs[i] | {"ref_chosen_logp": c, "ref_rejected_logp": r}
-                     for i, c, r in zip(kept, ref_chosen, ref_rejected)]
+            pairs = [pairs[i] | {"ref_chosen_logp": c, "ref_rejected_logp": r, "ref_rejected_extra_logp": e}
+                     for i, c, r, e in zip(kept, ref_chosen, ref_rejected, ref_extra)]
         if pairs:
             datasets.Dataset.from_list(pairs).save_to_disk(str(tmp / "dataset"))
         write_jsonl(tmp / "preview.jsonl", [{k: v for k, v in p.items() if k != "images"} for p in pairs[:PREVIEW_ROWS]])
