@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from evaluation.judges import AnchorJudge, CorrectnessJudge, RatingJudge, YesNoJudge
+from evaluation.suites.hf import HFSource
 from evaluation.suites.shapes import ShapesSource
 from methods.mpo import MPO
 from methods.reasoner import Reasoner
@@ -178,6 +179,7 @@ def register() -> None:
     cs.store(name="prefloop_schema", node=Config)
     cs.store(group="model", name="model_schema", node=ModelSchema)
     cs.store(group="data", name="data_schema", node=DataSchema)
+    cs.store(group="data", name="hf_source_schema", node=schema_of(HFSource))
     cs.store(group="eval", name="eval_schema", node=EvalSchema)
     cs.store(group="train", name="train_schema", node=TrainSchema)
     cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
