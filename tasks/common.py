@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from prefect.cache_policies import NO_CACHE
 
@@ -40,8 +41,16 @@ STAGE_OPTIONS = dict(
 
 
 def build(component_cfg: dict):
-    """Instantiate a ``_target_`` config (method, loss, judge, data source)."""
-    return instantiate(component_cfg, _convert_="all")
+    """Instantiate a ``_target_`` config (method, loss, judge, data source).
+
+    A component's own ValueError/TypeError (a bad option) is re-raised as itself, not wrapped
+    in Hydra's InstantiationException, so it reads clearly and is not retried."""
+    try:
+        return instantiate(component_cfg, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, TypeError)):
+            raise err.__cause__ from None
+        raise
 
 
 def round_queries(cfg: dict, round_index: int) -> list[Query]:

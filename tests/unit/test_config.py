@@ -21,9 +21,26 @@ def hydra_ctx():
         yield
 
 
+@pytest.fixture(scope="module")
+def local_dataset(tmp_path_factory) -> Path:
+    """A small save_to_disk dataset for options that need a user dataset (data=hf, eval=hf)."""
+    import datasets
+
+    from evaluation.suites.shapes import load_split
+
+    path = tmp_path_factory.mktemp("hf") / "shapes"
+    datasets.DatasetDict({"train": load_split("train", 8, 0), "test": load_split("test", 8, 0)}).save_to_disk(path)
+    return path
+
+
+def _option_overrides(group: str, option: str, local_dataset: Path) -> list[str]:
+    extra = [f"{group}.source.path={local_dataset}"] if option == "hf" else []
+    return [f"{group}={option}", *extra]
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes(group, option):
-    cfg = compose("config", overrides=[f"{group}={option}"])
+def test_every_option_composes(group, option, local_dataset):
+    cfg = compose("config", overrides=_option_overrides(group, option, local_dataset))
     node = cfg[group]
     if "_target_" in node:
         component = instantiate(node, _convert_="all")
@@ -74,5 +91,5 @@ def test_force_added_keys_are_caught_by_validate(override, where):
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_validates(group, option):
-    validate(compose("config", overrides=[f"{group}={option}"]))
+def test_every_option_validates(group, option, local_dataset):
+    validate(compose("config", overrides=_option_overrides(group, option, local_dataset)))
