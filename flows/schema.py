@@ -22,6 +22,7 @@ from evaluation.suites.shapes import ShapesSource
 from methods.mpo import MPO
 from methods.reasoner import Reasoner
 from methods.seva import SeVa
+from methods.uvcot import UVCoT
 from models.losses import (
     BCOLoss,
     BCOPairLoss,
@@ -185,6 +186,7 @@ def register() -> None:
     cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
     cs.store(group="method", name="reasoner_schema", node=schema_of(Reasoner))
     cs.store(group="method", name="mpo_schema", node=schema_of(MPO))
+    cs.store(group="method", name="uvcot_schema", node=schema_of(UVCoT))
     cs.store(group="loss", name="dpo_schema", node=schema_of(DPOLoss))
     cs.store(group="loss", name="ipo_schema", node=schema_of(IPOLoss))
     cs.store(group="loss", name="cdpo_schema", node=schema_of(CDPOLoss))
