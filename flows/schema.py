@@ -92,6 +92,8 @@ class EvalSchema:
     rerank_beta: float = 0.1
 
 
+    # Box-CoT evaluation (methods with eval_box_cot, i.e. uvcot) runs on the first N items.
+    box_cot_size: int = 300
 @dataclass
 class TrainSchema:
     lr: float = 5e-5

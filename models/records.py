@@ -19,7 +19,7 @@ Shapes:
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class Query(TypedDict):
@@ -57,6 +57,7 @@ class Pair(TypedDict):
     score_rejected: float
     rejected_extra: list[str]  # further rejected texts for multi-negative losses ([] if none)
     method: str
+    extras: NotRequired[dict]  # method metadata (e.g. UV-CoT's step, boxes and best chain)
 
 
 def user_prompt(question: str, n_images: int = 1) -> list[dict]:

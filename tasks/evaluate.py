@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from prefect import task
 
+from evaluation.boxcot import run_box_cot
 from evaluation.judges import CorrectnessJudge
 from evaluation.metrics import accuracy_table, normalise
 from evaluation.rerank import implicit_rewards, rerank_metrics
@@ -40,11 +41,22 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
             label=f"evaluate round {round_index}",
         )
         judge = CorrectnessJudge()
+        unanswered = [q["id"] for q in queries if not q["answer"]]
+        if unanswered:
+            raise ValueError(f"{len(unanswered)} evaluation queries have no answer (e.g. {unanswered[0]}); "
+                             "held-out accuracy needs ground truth: map eval.source.columns.answer")
         answers = build(cfg["eval"]["source"]).answer_space()
         texts = [r[0] for r in responses]
         correct = [judge.score_one(t, q["answer"]) == 1.0 for t, q in zip(texts, queries)]
-        malformed = [normalise(t) not in answers for t in texts]
+        # Without a known answer space (a user dataset with free-form answers) nothing is malformed.
+        malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
         table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+        if cfg["method"].get("eval_box_cot"):  # UV-CoT: box -> crop -> answer, on a subset
+            subset = queries[: cfg["eval"]["box_cot_size"]]
+            box_table, box_rows = run_box_cot(policy, subset, cfg["method"], judge=judge, answers=answers or None,
+                                              label=f"box-CoT evaluate round {round_index}")
+            table |= {f"box_cot/{k}": v for k, v in box_table.items()}
+            write_jsonl(tmp / "box_cot_predictions.jsonl", box_rows)
         if rerank:
             rerank_table, rows = rerank_eval(cfg, queries, policy_ckpt, reference_ckpt, judge,
                                              seed=cfg["seed"] * 1000 + round_index)

@@ -101,7 +101,8 @@ def log_round(c: MlflowClient, parent_id: str, round_index: int, stages: dict[st
         c.log_batch(run_id, metrics=metrics[start : start + 1000])
     # The parent carries the headline curves, step = round, for side-by-side comparison.
     c.log_batch(parent_id, metrics=[_metric(f"eval/{k}", v, round_index) for k, v in evaluation.items()
-                                     if k.startswith("accuracy") or k == "malformed_rate"])
+                                     if k.startswith(("accuracy", "box_cot/accuracy", "box_cot/box_iou", "rerank/", "pairwise"))
+                                     or k == "malformed_rate"])
     c.log_artifact(run_id, str(Path(stages["evaluate"]) / "eval.json"), "eval")
     c.log_artifact(run_id, str(Path(stages["evaluate"]) / "predictions.jsonl"), "eval")
     if "pair" in stages:
