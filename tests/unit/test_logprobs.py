@@ -30,7 +30,9 @@ from models.records import assistant_message, user_prompt
 from models.trainer import encode_pairs, pair_logps, reference_logps
 
 ATOL = 1e-5
-REJECTED = ["no", "the red big circle is on the left", "three", "left right left", "purple square"]
+# 1-6 text tokens + EOS; sums stay within |x| < 32 on the test model, where a float32 ulp is
+# <= 2e-6, so 1e-5 is a tolerance of several ulps, not one.
+REJECTED = ["no", "the circle is left", "three", "left right left", "red red red red red red", "two"]
 
 
 def make_pairs(n: int = 6) -> list[dict]:
@@ -86,16 +88,18 @@ def test_shared_prefix_equals_concatenated_and_unpadded(tiny_policy, encoded):
 
 
 def test_more_than_two_continuations_share_one_prefix(tiny_policy, encoded):
+    """n = 4 completions per prompt, one of them EOS only for every prompt (nothing to run
+    after the prefix: its first-token logit is all it needs)."""
     model, processor = tiny_policy
     pad = processor.tokenizer.pad_token_id
     tok = processor.tokenizer
-    extra = [completion_ids(tok, "yes"), completion_ids(tok, "a big blue triangle on the right")]
-    conts = [[e.chosen, e.rejected, extra[i % 2]] for i, e in enumerate(encoded)]
+    extra = [completion_ids(tok, "yes"), completion_ids(tok, "a big blue triangle")]
+    conts = [[e.chosen, e.rejected, extra[i % 2], completion_ids(tok, "")] for i, e in enumerate(encoded)]
     with torch.no_grad():
         logps, ntok = shared_prefix_logps(model, collate_shared([e.prompt for e in encoded], conts, pad))
         flat = [(e.prompt, c) for e, cs in zip(encoded, conts) for c in cs]
         expected, counts = sequence_logps(model, collate([p for p, _ in flat], [c for _, c in flat], pad))
-    assert logps.shape == (len(encoded), 3)
+    assert logps.shape == (len(encoded), 4) and ntok[:, 3].tolist() == [1] * len(encoded)
     torch.testing.assert_close(logps.flatten(), expected, atol=ATOL, rtol=0)
     assert ntok.flatten().tolist() == counts.tolist()
 
@@ -156,10 +160,11 @@ def test_counts_include_eos_and_masks_cover_only_the_response(tiny_policy, encod
     # Shared path: first token + real targets == the completion, counts == lengths.
     shared = collate_shared(prompts, [[c] for c in comps], pad)
     for i, c in enumerate(comps):
-        real = shared.cont_targets[i][shared.target_mask[i]].tolist()
-        assert [shared.first_targets[i].item()] + real == c
-        assert shared.n_tokens[i] == len(c)
+        real = shared.cont_targets[0, i][shared.target_mask[0, i]].tolist()
+        assert [shared.first_targets[i, 0].item()] + real == c
+        assert shared.n_tokens[i, 0] == len(c)
         assert shared.prompt_ids[i][shared.prompt_mask[i].bool()].tolist() == prompts[i].ids
+        assert shared.last_index[i, 0] == len(prompts[i].ids) - 1
 
 
 def test_sums_do_not_depend_on_padding_or_prompt_targets(tiny_policy, encoded):
