@@ -17,8 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from evaluation.judges import AnchorJudge, CorrectnessJudge, RatingJudge, YesNoJudge
+from evaluation.rating_rewards import GRPORewardJudge
 from evaluation.suites.hf import HFSource
 from evaluation.suites.shapes import ShapesSource
+from methods.judge_grpo import JudgeGRPO
 from methods.mpo import MPO
 from methods.reasoner import Reasoner
 from methods.seva import SeVa
@@ -187,6 +189,7 @@ def register() -> None:
     cs.store(group="train", name="train_schema", node=TrainSchema)
     cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
     cs.store(group="method", name="reasoner_schema", node=schema_of(Reasoner))
+    cs.store(group="method", name="judge_grpo_schema", node=schema_of(JudgeGRPO))
     cs.store(group="method", name="mpo_schema", node=schema_of(MPO))
     cs.store(group="method", name="uvcot_schema", node=schema_of(UVCoT))
     cs.store(group="loss", name="dpo_schema", node=schema_of(DPOLoss))
@@ -201,6 +204,7 @@ def register() -> None:
     cs.store(group="loss", name="multi_negative_dpo_schema", node=schema_of(MultiNegativeDPOLoss))
     cs.store(group="loss", name="mpo_schema", node=schema_of(MPOLoss))
     cs.store(group="judge", name="correctness_schema", node=schema_of(CorrectnessJudge))
+    cs.store(group="judge", name="grpo_reward_schema", node=schema_of(GRPORewardJudge))
     cs.store(group="judge", name="yesno_schema", node=schema_of(YesNoJudge))
     cs.store(group="judge", name="rating_schema", node=schema_of(RatingJudge))
     cs.store(group="judge", name="anchor_schema", node=schema_of(AnchorJudge))

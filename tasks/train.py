@@ -47,7 +47,8 @@ def train(run_dir: str, round_index: int, cfg: dict, pairs_dir: str, policy_ckpt
             if hasattr(method, "train"):
                 # Hook: a method with its own objective (judge_grpo: GRPO on rollout groups) trains
                 # the model in place and returns per-step metrics; the `loss` group is not used.
-                history = method.train(model, processor, pairs, cfg["train"], seed=cfg["seed"] * 1000 + round_index)
+                history = method.train(model, processor, pairs, cfg["train"],
+                                       seed=cfg["seed"] * 1000 + round_index)
             else:  # DPO-family methods: the configured preference loss
                 loss_fn = build(cfg["loss"])
                 history = train_pairs(model, processor, pairs, loss_fn, cfg["train"],
