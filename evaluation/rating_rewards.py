@@ -10,8 +10,8 @@ holds what both sides need, so training rewards and evaluation cannot drift:
 - ``GRPORewardJudge``: the score stage's judge (conf/judge/grpo_reward.yaml). ``Scored.score`` is
   the weighted reward scaled into [0, 1]; ``score_parts`` holds the raw parts and ``reward`` (the
   unscaled sum that GRPO's advantages use);
-- ``expected_rating``: the soft reward, E[r | C] = sum_r r * softmax over the rating tokens only
-  (sec. 3);
+- the soft reward E[r | C] = sum_r r * softmax over the rating tokens only (sec. 3) is
+  ``evaluation.judges.expected_rating``, shared with judge=rating;
 - ``ordered_pairs``, ``pairwise_accuracy``, ``mean_at_k``: pairwise accuracy of any per-item
   score (soft rating, or Mean@k: the mean of k sampled ratings, Table 1).
 """
@@ -21,8 +21,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import torch
 
 from models.records import Candidate, Query, Scored
 
@@ -95,13 +93,6 @@ class GRPORewardJudge:
 
 
 # --- soft rewards and pairwise accuracy -------------------------------------------------------
-
-
-def expected_rating(rating_logits: torch.Tensor, ratings: Sequence[float]) -> torch.Tensor:
-    """E[r | C] = sum_r r * softmax(rating_logits)_r: [N, R] logits of the rating tokens only
-    (already restricted to them) -> [N] expected ratings."""
-    values = torch.as_tensor(list(ratings), dtype=torch.float32, device=rating_logits.device)
-    return rating_logits.float().softmax(-1) @ values
 
 
 def ordered_pairs(truths: Sequence[float], groups: Sequence[str]) -> list[tuple[int, int]]:

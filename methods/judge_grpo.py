@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
+from evaluation.judges import expected_rating
 from evaluation.rating_rewards import (
     RATING_MARKER,
-    expected_rating,
     format_rating,
     mean_at_k,
     ordered_pairs,
@@ -193,7 +193,7 @@ class JudgeGRPO:
             sampled = policy.generate(prompts, images, max_new_tokens=self.max_new_tokens, temperature=1.0,
                                       num_samples=self.eval_k, seed=cfg["seed"], label="judge_grpo eval samples")
             samples = [[parse_rating(t) for t in row] for row in sampled]
-        soft = expected_rating(logits, self.ratings()).tolist()
+        soft = expected_rating(logits.cpu(), self.ratings())[0].tolist()
         return {
             "pairwise_accuracy/soft": pairwise_accuracy(soft, pairs),
             "pairwise_accuracy/greedy": pairwise_accuracy(greedy, pairs),

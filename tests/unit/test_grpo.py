@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from evaluation.judges import expected_rating
 from evaluation.rating_rewards import (
     GRPORewardJudge,
-    expected_rating,
     format_rating,
     mean_at_k,
     ordered_pairs,
@@ -144,8 +144,8 @@ def test_length_normalised_ratio():
 
 def test_expected_rating_is_softmax_over_rating_tokens():
     logits = torch.log(torch.tensor([[0.2, 0.3, 0.5], [1.0, 1.0, 1.0]]))
-    assert expected_rating(logits, [1, 2, 3]).tolist() == [near(0.2 + 0.6 + 1.5), near(2.0)]
-    assert expected_rating(torch.tensor([[0.0, 100.0]]), [1, 5]).item() == near(5.0)
+    assert expected_rating(logits, [1, 2, 3])[0].tolist() == [near(0.2 + 0.6 + 1.5), near(2.0)]
+    assert expected_rating(torch.tensor([[0.0, 100.0]]), [1, 5])[0].item() == near(5.0)
 
 
 def test_ordered_pairs_within_a_prompt_with_different_truths():
