@@ -199,6 +199,21 @@ def _follow_up(query: Query, response: str, question: str) -> list[dict]:
     return user_prompt(query["question"]) + assistant_message(response) + user_prompt(question, n_images=0)
 
 
+def _logits_per_candidate(evaluator, candidates: list[Candidate], queries: dict[str, Query], make_prompt,
+                           token_ids: list[int], batch_size: int, label: str) -> torch.Tensor:
+    """[N, K] logits, one row per candidate, from ONE forward per distinct (query, response):
+    identical samples (frequent with short answers) share their row."""
+    from models.scoring import next_token_logits
+
+    keys = [(c["query_id"], c["response"]) for c in candidates]
+    unique = list(dict.fromkeys(keys))
+    prompts = [make_prompt(queries[qid], response) for qid, response in unique]
+    images = [[queries[qid]["image"]] for qid, _ in unique]
+    logits = next_token_logits(evaluator, prompts, images, token_ids, batch_size, label=label)
+    row = {key: i for i, key in enumerate(unique)}
+    return logits[[row[key] for key in keys]] if keys else logits
+
+
 def _need_evaluator(evaluator, name: str):
     if evaluator is None:
         raise ValueError(f"judge={name} reads an evaluator model's logits; the score stage must pass "
@@ -225,13 +240,13 @@ class YesNoJudge:
     needs_model = True
 
     def score(self, candidates: list[Candidate], queries: dict[str, Query], evaluator=None) -> list[Scored]:
-        from models.scoring import answer_token_ids, next_token_logits
+        from models.scoring import answer_token_ids
 
         evaluator = _need_evaluator(evaluator, "yesno")
         ids = answer_token_ids(evaluator.processor.tokenizer, self.yes_words + self.no_words)
-        prompts = [_follow_up(queries[c["query_id"]], c["response"], self.question) for c in candidates]
-        images = [[queries[c["query_id"]]["image"]] for c in candidates]
-        logits = next_token_logits(evaluator, prompts, images, ids, self.batch_size, label="judge yesno")
+        logits = _logits_per_candidate(evaluator, candidates, queries,
+                                       lambda q, r: _follow_up(q, r, self.question), ids, self.batch_size,
+                                       label="judge yesno")
         n_yes = len(self.yes_words)
         p_yes = two_way_probability(logits[:, :n_yes], logits[:, n_yes:])
         return [Scored(**c, score=float(p), score_parts={"p_yes": float(p), "logit_yes": float(row[:n_yes].max()),
@@ -260,14 +275,14 @@ class RatingJudge:
         return values
 
     def score(self, candidates: list[Candidate], queries: dict[str, Query], evaluator=None) -> list[Scored]:
-        from models.scoring import answer_token_ids, next_token_logits
+        from models.scoring import answer_token_ids
 
         evaluator = _need_evaluator(evaluator, "rating")
         values = self.values()
         ids = answer_token_ids(evaluator.processor.tokenizer, self.ratings)
-        prompts = [_follow_up(queries[c["query_id"]], c["response"], self.question) for c in candidates]
-        images = [[queries[c["query_id"]]["image"]] for c in candidates]
-        logits = next_token_logits(evaluator, prompts, images, ids, self.batch_size, label="judge rating")
+        logits = _logits_per_candidate(evaluator, candidates, queries,
+                                       lambda q, r: _follow_up(q, r, self.question), ids, self.batch_size,
+                                       label="judge rating")
         expected, probs = expected_rating(logits, values)
         scores = rescale_rating(expected, min(values), max(values))
         return [Scored(**c, score=float(s), score_parts={"expected_rating": float(e),
@@ -296,7 +311,8 @@ class AnchorJudge:
     logits of the tokens {``yes_token``, ``no_token``}. N-1 comparisons per query, not N^2.
 
     Departure: a candidate whose response equals the anchor's (after normalisation) gets 0.5
-    without a comparison (the model would be comparing an answer with itself).
+    without a comparison (the model would be comparing an answer with itself), and identical
+    responses of one query share one comparison (so at most N-1 forward passes).
     ``anchor``: "random" (the paper; deterministic per (seed, query id)) or "first"."""
 
     question: str = "Is answer A better than answer B? Answer 1 for yes, 0 for no."
@@ -313,21 +329,18 @@ class AnchorJudge:
         return user_prompt(f"{query['question']}\nAnswer A: {response}\nAnswer B: {anchor}\n{self.question}")
 
     def score(self, candidates: list[Candidate], queries: dict[str, Query], evaluator=None) -> list[Scored]:
-        from models.scoring import answer_token_ids, next_token_logits
+        from models.scoring import answer_token_ids
 
         evaluator = _need_evaluator(evaluator, "anchor")
         anchors = pick_anchors(candidates, self.anchor, self.seed)
-        compare = []  # candidate indices that need a comparison
-        for i, c in enumerate(candidates):
-            a = candidates[anchors[c["query_id"]]]
-            if i != anchors[c["query_id"]] and normalise(c["response"]) != normalise(a["response"]):
-                compare.append(i)
+        anchor_text = {qid: candidates[i]["response"] for qid, i in anchors.items()}
+        compare = [i for i, c in enumerate(candidates)  # candidate indices that need a comparison
+                   if i != anchors[c["query_id"]] and normalise(c["response"]) != normalise(anchor_text[c["query_id"]])]
         ids = answer_token_ids(evaluator.processor.tokenizer, [self.yes_token, self.no_token])
-        prompts = [self.comparison_prompt(queries[candidates[i]["query_id"]], candidates[i]["response"],
-                                          candidates[anchors[candidates[i]["query_id"]]]["response"])
-                   for i in compare]
-        images = [[queries[candidates[i]["query_id"]]["image"]] for i in compare]
-        logits = next_token_logits(evaluator, prompts, images, ids, self.batch_size, label="judge anchor")
+        logits = _logits_per_candidate(
+            evaluator, [candidates[i] for i in compare], queries,
+            lambda q, r: self.comparison_prompt(q, r, anchor_text[q["id"]]), ids, self.batch_size,
+            label="judge anchor")
         p_better = dict(zip(compare, two_way_probability(logits[:, :1], logits[:, 1:]).tolist()))
         scored = []
         for i, c in enumerate(candidates):

@@ -10,9 +10,9 @@ plain sampling (``models.sampling``).
     ``token_ids`` (in that order). Prompts are chat messages WITH their images; batches are
     left padded with explicit position ids (``models.logprobs.collate``) and only the last
     position reaches the LM head (``logits_to_keep=1``).
-``completion_logps(policy, prompts, images, responses)`` -> (sum_logp [N], n_tokens [N])
-    Summed log-prob of each response (EOS included) given its prompt and images
-    (``models.logprobs.sequence_logps``), e.g. for the DPO implicit reward.
+``completion_logps(policy, encoded_prompts, responses)`` -> [B][n] summed log-probs
+    Of the n responses (EOS included) of each encoded prompt, the image and prompt computed
+    once per prompt (``models.logprobs.shared_prefix_logps``), e.g. for the DPO implicit reward.
 ``continue_responses(policy, prompts, images, prefixes)`` -> list[str]
     Each prompt's assistant turn started with ``prefix`` and continued by the model, e.g.
     MPO's DropoutNTP continuation WITHOUT the image (``images`` of [] per prompt).
@@ -24,7 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from models.logprobs import EncodedPrompt, collate, completion_ids, encode_prompt, sequence_logps
+from models.logprobs import (
+    EncodedPrompt,
+    collate,
+    collate_shared,
+    completion_ids,
+    encode_prompt,
+    shared_prefix_logps,
+)
 from models.progress import Progress
 from models.sampling import Policy, banned_token_ids
 
@@ -92,29 +99,28 @@ def next_token_logits(
 def completion_logps(
     policy: Policy,
     prompts: list[EncodedPrompt],
-    responses: list[str],
+    responses: list[list[str]],
     batch_size: int | None = None,
     label: str = "completion log-probs",
-) -> tuple[list[float], list[int]]:
-    """Summed log pi(response | prompt, images) and token counts; ``prompts[i]`` (already
-    encoded, so a prompt shared by many responses is encoded once) pairs with
-    ``responses[i]``."""
+) -> list[list[float]]:
+    """Summed log pi(response | prompt, images) (EOS included) of the n responses of each
+    prompt; every prompt has the same number n >= 1 of responses. The image and prompt run once
+    per prompt and its n responses continue from the cached prefix
+    (``models.logprobs.shared_prefix_logps``); ``batch_size`` counts prompts."""
     model, tokenizer = policy.model, policy.processor.tokenizer
     batch_size = batch_size or policy.batch_size
     device = next(model.parameters()).device
     model.eval()
-    sums: list[float] = []
-    counts: list[int] = []
-    progress = Progress(label, len(responses), unit="sequences")
-    for start in range(0, len(responses), batch_size):
+    out: list[list[float]] = []
+    progress = Progress(label, len(prompts), unit="prompts")
+    for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        completions = [completion_ids(tokenizer, r) for r in responses[chunk]]
-        batch = collate(prompts[chunk], completions, tokenizer.pad_token_id).to(device)
-        logp, n = sequence_logps(model, batch)
-        sums += logp.tolist()
-        counts += n.tolist()
+        completions = [[completion_ids(tokenizer, r) for r in rs] for rs in responses[chunk]]
+        batch = collate_shared(prompts[chunk], completions, tokenizer.pad_token_id).to(device)
+        logps, _ = shared_prefix_logps(model, batch)
+        out += logps.tolist()
         progress.update(len(completions))
-    return sums, counts
+    return out
 
 
 @torch.no_grad()

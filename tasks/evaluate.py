@@ -51,6 +51,9 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
         # Without a known answer space (a user dataset with free-form answers) nothing is malformed.
         malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
         table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+        method = build(cfg["method"])
+        if hasattr(method, "evaluate"):  # method-specific metrics (judge_grpo: the judge's pairwise accuracy)
+            table |= method.evaluate(policy, cfg)
         if cfg["method"].get("eval_box_cot"):  # UV-CoT: box -> crop -> answer, on a subset
             subset = queries[: cfg["eval"]["box_cot_size"]]
             box_table, box_rows = run_box_cot(policy, subset, cfg["method"], judge=judge, answers=answers or None,
@@ -73,8 +76,9 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
 
 def rerank_eval(cfg: dict, queries: list[Query], policy_ckpt: str | None, reference_ckpt: str | None,
                 judge: CorrectnessJudge, seed: int) -> tuple[dict, list[dict]]:
-    """Sample N answers per query from the policy, score each distinct (query, answer) under the
-    policy and the reference, and re-rank. Returns (rerank/* metrics, per-query rows)."""
+    """Sample N answers per query from the policy, score them under the policy and the
+    reference (image and prompt once per query and model), and re-rank.
+    Returns (rerank/* metrics, per-query rows)."""
     from models.logprobs import encode_prompt
     from models.scoring import completion_logps
 
@@ -87,24 +91,19 @@ def rerank_eval(cfg: dict, queries: list[Query], policy_ckpt: str | None, refere
         temperature=ecfg.get("rerank_temperature", 1.0), num_samples=n, seed=seed,
         batch_size=ecfg["batch_size"], label="rerank sample",
     )
-    # Short answers repeat: each distinct (query, response) is scored once.
-    distinct = sorted({(qi, text) for qi, texts in enumerate(samples) for text in texts})
     logps = {}
     for name, ckpt in (("policy", policy_ckpt), ("reference", reference_ckpt)):
         model = frozen_policy(cfg, ckpt)
-        encoded = {}
-        rows = [encoded.setdefault(qi, encode_prompt(model.processor, prompts[qi], [queries[qi]["image"]]))
-                for qi, _ in distinct]
-        sums, _ = completion_logps(model, rows, [text for _, text in distinct],
-                                   batch_size=cfg["train"]["ref_batch_size"], label=f"rerank {name} log-probs")
-        logps[name] = dict(zip(distinct, sums))
-    items, out_rows = [], []
-    for qi, (q, texts) in enumerate(zip(queries, samples)):
-        rewards = implicit_rewards([logps["policy"][(qi, t)] for t in texts],
-                                   [logps["reference"][(qi, t)] for t in texts], ecfg.get("rerank_beta", 0.1))
-        items.append({"keys": [judge.canonical(t) for t in texts], "rewards": rewards,
+        encoded = [encode_prompt(model.processor, p, [q["image"]]) for p, q in zip(prompts, queries)]
+        logps[name] = completion_logps(model, encoded, samples, batch_size=cfg["train"]["ref_batch_size"],
+                                       label=f"rerank {name} log-probs")
+    items = []
+    for q, texts, pol, ref in zip(queries, samples, logps["policy"], logps["reference"]):
+        items.append({"keys": [judge.canonical(t) for t in texts],
+                      "rewards": implicit_rewards(pol, ref, ecfg.get("rerank_beta", 0.1)),
                       "correct": [judge.score_one(t, q["answer"]) == 1.0 for t in texts]})
     metrics, picks = rerank_metrics(items)
+    out_rows = []
     for q, texts, item, pick in zip(queries, samples, items, picks):
         out_rows.append({"id": q["id"], "answer": q["answer"], "samples": texts, "rewards": item["rewards"],
                          "correct": item["correct"], "picks": pick})

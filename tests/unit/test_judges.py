@@ -143,10 +143,12 @@ def fixed_logits(monkeypatch):
 def test_yesno_judge_from_given_logits(fixed_logits):
     rows, seen = fixed_logits
     rows += [[2.0, 0.0], [0.0, 0.0], [-1.0, 1.0]]
-    cands = [_cand("a", f"a/{i}", r) for i, r in enumerate(["red", "blue", "green"])]
+    cands = [_cand("a", f"a/{i}", r) for i, r in enumerate(["red", "blue", "red", "green"])]
     scored = YesNoJudge().score(cands, {"a": _query("a")}, evaluator=_FakeEvaluator())
     assert [round(s["score"], 4) for s in scored] == [round(1 / (1 + math.exp(-2)), 4), 0.5,
+                                                       round(1 / (1 + math.exp(-2)), 4),
                                                        round(1 / (1 + math.exp(2)), 4)]
+    assert len(seen) == 3  # the repeated "red" is judged once
     # The follow-up conversation: question with image, the answer, then the yes/no question.
     assert [m["role"] for m in seen[0]] == ["user", "assistant", "user"]
     assert seen[0][1]["content"][0]["text"] == "red"
@@ -166,15 +168,15 @@ def test_anchor_judge_from_given_logits(fixed_logits):
     rows, seen = fixed_logits
     rows += [[1.0, 0.0], [0.0, 3.0]]  # logits of ("1", "0") for the two compared candidates
     cands = [_cand("a", "a/0", "red"), _cand("a", "a/1", "blue"), _cand("a", "a/2", "Red."),
-             _cand("a", "a/3", "green"), _cand("b", "b/0", "one")]
+             _cand("a", "a/3", "green"), _cand("b", "b/0", "one"), _cand("a", "a/4", "blue")]
     scored = AnchorJudge(anchor="first").score(cands, {"a": _query("a"), "b": _query("b")},
                                                evaluator=_FakeEvaluator())
     scores = {s["candidate_id"]: s["score"] for s in scored}
     assert scores["a/0"] == 0.5 and scores["b/0"] == 0.5           # anchors
     assert scores["a/2"] == 0.5                                     # same answer as the anchor
-    assert scores["a/1"] == pytest.approx(1 / (1 + math.exp(-1)))   # p(1) from the given logits
+    assert scores["a/1"] == scores["a/4"] == pytest.approx(1 / (1 + math.exp(-1)))  # p(1), given logits
     assert scores["a/3"] == pytest.approx(1 / (1 + math.exp(3)))
-    assert len(seen) == 2  # N-1 comparisons, minus the duplicate of the anchor
+    assert len(seen) == 2  # N-1 comparisons, minus the anchor's duplicate and a repeated answer
     text = seen[0][0]["content"][-1]["text"]
     assert "Answer A: blue" in text and "Answer B: red" in text
     assert [s["candidate_id"] for s in scored] == [c["candidate_id"] for c in cands]  # order kept

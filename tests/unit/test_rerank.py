@@ -71,3 +71,26 @@ def test_rerank_metrics_on_fixed_rewards():
 def test_rerank_of_nothing_fails():
     with pytest.raises(ValueError):
         rerank_metrics([])
+
+
+def test_rerank_log_probs_match_the_concatenated_engine(tiny_policy):
+    """The shared-prefix scoring used for re-ranking gives each sample's summed log-prob."""
+    import torch
+
+    from evaluation.suites.shapes import ShapesSpec, make_queries
+    from models.logprobs import collate, completion_ids, encode_prompt, sequence_logps
+    from models.records import user_prompt
+    from models.sampling import Policy
+    from models.scoring import completion_logps
+
+    policy = Policy(*tiny_policy, batch_size=2)
+    queries = make_queries("test", 3, 0, ShapesSpec())
+    prompts = [encode_prompt(policy.processor, user_prompt(q["question"]), [q["image"]]) for q in queries]
+    samples = [["red", "red", "blue circle"], ["yes", "", "no"], ["two", "one three", "left"]]
+    shared = completion_logps(policy, prompts, samples)
+    tok = policy.processor.tokenizer
+    flat = [(p, completion_ids(tok, r)) for p, rs in zip(prompts, samples) for r in rs]
+    with torch.no_grad():
+        ref, _ = sequence_logps(policy.model, collate([p for p, _ in flat], [c for _, c in flat], tok.pad_token_id))
+    assert torch.allclose(torch.tensor(shared).flatten(), ref, atol=1e-4)
+    assert shared[0][0] == pytest.approx(shared[0][1])  # identical samples, identical log-probs
