@@ -92,10 +92,10 @@ class EvalSchema:
     rerank_samples: int = 0
     rerank_temperature: float = 1.0
     rerank_beta: float = 0.1
-
-
     # Box-CoT evaluation (methods with eval_box_cot, i.e. uvcot) runs on the first N items.
     box_cot_size: int = 300
+
+
 @dataclass
 class TrainSchema:
     lr: float = 5e-5
@@ -108,11 +108,11 @@ class TrainSchema:
     max_grad_norm: float = 1.0
     max_length: int = 2048  # longer pairs are dropped and counted, never truncated
     ref_batch_size: int = 32
+    save_every: int = 0  # > 0: save the full training state every N steps so a killed stage resumes
 
 
 @dataclass
 class FaultSchema:
-    save_every: int = 0  # > 0: save the full training state every N steps so a killed stage resumes
     """Fault injection, off by default: raise in ``stage`` of ``round`` on its first attempt
     only, to prove that retries and resumption work."""
 
