@@ -91,29 +91,59 @@ def _finished(run_dir: Path) -> dict[str, str]:
             for m in run_dir.glob("round_*/*/manifest.json")}
 
 
-def test_sigkill_during_training_resumes_without_recomputing(prefect_harness, tmp_path, tiny_cache, tiny_model_dir):
+def _accuracies(run_dir: Path) -> list[float]:
+    return [json.loads((run_dir / f"round_{i}" / "eval" / "eval.json").read_text())["accuracy"] for i in range(3)]
+
+
+KILL_OVERRIDES = REASONER + ["rounds=2", "queries_per_round=200", "train.max_steps=100"]
+KILL_POINTS = {
+    "during-generate": ("round_1/candidates.tmp-*", 0.3),
+    "between-stages": ("round_1/scores/manifest.json", 0.0),
+    "during-train": ("round_2/checkpoint.tmp-*", 1.0),
+}
+
+
+def _command(tmp_path: Path, tiny_cache: Path) -> list[str]:
+    return [sys.executable, "-m", "flows.iterate", *tiny_overrides(tmp_path, tiny_cache), *KILL_OVERRIDES,
+            "queries_per_round=200"]
+
+
+def _env() -> dict:
     from prefect.settings import get_current_settings
 
-    overrides = tiny_overrides(tmp_path, tiny_cache) + REASONER + ["rounds=2", "train.max_steps=300"]
-    env = os.environ | {"PREFECT_API_URL": str(get_current_settings().api.url)}
-    command = [sys.executable, "-m", "flows.iterate", *overrides]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return os.environ | {"PREFECT_API_URL": str(get_current_settings().api.url)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_harness, tmp_path_factory, tiny_cache, tiny_model_dir) -> list[float]:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run(_command(tmp, tiny_cache), cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp / "runs" / "prefloop").iterdir()
+    return _accuracies(run_dir)
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_resumes_without_recomputing(point, uninterrupted, tmp_path, tiny_cache):
+    pattern, wait_s = KILL_POINTS[point]
+    command = _command(tmp_path, tiny_cache)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    partial = []
-    while time.time() < deadline and proc.poll() is None and not partial:
-        partial = list((tmp_path / "runs").glob("prefloop/*/round_2/checkpoint.tmp-*"))
-        time.sleep(0.05)
-    assert partial, "the run never reached round 2's training"
-    time.sleep(1.0)  # well inside training (300 steps)
+    hit = []
+    while time.time() < deadline and proc.poll() is None and not hit:
+        hit = list((tmp_path / "runs").glob(f"prefloop/*/{pattern}"))
+        time.sleep(0.01)
+    assert hit, f"the run never reached {pattern}"
+    time.sleep(wait_s)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_dir = partial[0].parent.parent
+    run_dir = next((tmp_path / "runs" / "prefloop").iterdir())
     before = _finished(run_dir)
-    assert "round_1/checkpoint" in before and "round_2/pairs" in before and "round_2/checkpoint" not in before
+    assert "round_2/eval" not in before, "the run finished before it was killed"
 
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     after = _finished(run_dir)
     assert {k: after[k] for k in before} == before, "a finished stage was recomputed"
-    assert "round_2/checkpoint" in after and "round_2/eval" in after
     assert not list(run_dir.glob("round_*/*.tmp-*"))
+    assert _accuracies(run_dir) == uninterrupted
