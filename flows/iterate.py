@@ -33,7 +33,7 @@ from prefect import flow
 from flows.schema import NON_RESULT_KEYS, ConfigError, register, validate
 from models.load import ModelUnavailable, check_available
 from tasks import tracking
-from tasks.artifacts import read_manifest
+from tasks.artifacts import DiskFull, read_manifest
 from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.pair import pair
@@ -139,7 +139,7 @@ def main(cfg: DictConfig) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
         check_available(container["model"])
         iterate(container, sweep=sweep_id())
-    except (ModelUnavailable, ConfigError) as err:
+    except (ModelUnavailable, ConfigError, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -9,6 +9,7 @@ directory holds a manifest is done and is skipped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+
+
+class DiskFull(OSError):
+    """No space left while writing a stage; the message says what to do."""
 
 
 def is_done(stage_dir: str | Path) -> bool:
@@ -67,12 +72,19 @@ def stage_output(final_dir: str | Path, stage: str, inputs: dict[str, str | None
     start = time.perf_counter()
     try:
         yield tmp_dir, manifest
+        manifest["timings"]["total_s"] = round(time.perf_counter() - start, 3)
+        manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(tmp_dir / MANIFEST, manifest)
+    except OSError as err:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFull(f"disk full while writing the {stage} stage into {final_dir}; nothing partial was "
+                           "kept. Free space (or point runs_dir=... at a larger disk) and re-run the same "
+                           "command: finished stages are kept.") from err
+        raise
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    manifest["timings"]["total_s"] = round(time.perf_counter() - start, 3)
-    manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(tmp_dir / MANIFEST, manifest)
     if final_dir.exists():  # a concurrent attempt finished first; its output is equivalent
         shutil.rmtree(tmp_dir)
     else:

@@ -54,3 +54,16 @@ def test_directory_without_manifest_is_never_read(tmp_path):
     with pytest.raises(RuntimeError, match="without manifest.json"):
         with stage_output(final, "evaluate", {}):
             pass
+
+
+def test_full_disk_gives_one_clear_message_and_no_partial_dir(tmp_path):
+    import errno
+
+    from tasks.artifacts import DiskFull
+
+    final = tmp_path / "round_1" / "pairs"
+    with pytest.raises(DiskFull, match="disk full while writing the pair stage.*re-run the same command"):
+        with stage_output(final, "pair", {}) as (tmp, _):
+            (tmp / "part.arrow").write_bytes(b"\0" * 8)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not final.exists() and list(final.parent.iterdir()) == []
