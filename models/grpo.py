@@ -39,7 +39,7 @@ import torch
 
 from models.logprobs import EncodedPrompt, collate, sequence_logps
 from models.progress import Progress
-from models.trainer import cosine_with_warmup
+from models.trainer import optimizer_setup
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -186,15 +186,8 @@ def train_grpo(model, groups: list[RolloutGroup], old_logps: torch.Tensor, ref_l
     # --- setup
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    micro = cfg["batch_size"] // cfg["grad_accum"]
-    if micro < 1 or cfg["batch_size"] % cfg["grad_accum"]:
-        raise ValueError(f"train.batch_size={cfg['batch_size']} must be a multiple of train.grad_accum={cfg['grad_accum']}")
     total = cfg["max_steps"] or math.ceil(len(groups) / cfg["batch_size"]) * cfg["epochs"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total, max(1, int(cfg["warmup_ratio"] * total)))
-    )
+    params, optimizer, scheduler, micro = optimizer_setup(model, cfg, total)
     rng = random.Random(seed)
     order: list[int] = []
     history: list[dict] = []

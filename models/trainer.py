@@ -118,6 +118,20 @@ def reference_logps(model, processor, encoded: list[EncodedPair], batch_size: in
     return chosen, rejected
 
 
+def optimizer_setup(model, cfg: dict, total_steps: int):
+    """(trainable params, AdamW, warm-up + cosine LambdaLR, micro-batch size) from train cfg;
+    shared by the preference trainer and GRPO (models/grpo.py)."""
+    micro = cfg["batch_size"] // cfg["grad_accum"]
+    if micro < 1 or cfg["batch_size"] % cfg["grad_accum"]:
+        raise ValueError(f"train.batch_size={cfg['batch_size']} must be a multiple of train.grad_accum={cfg['grad_accum']}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, max(1, int(cfg["warmup_ratio"] * total_steps)))
+    )
+    return params, optimizer, scheduler, micro
+
+
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -166,17 +180,9 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
     score_rejected = torch.tensor([float(pairs[i]["score_rejected"]) for i in kept])
     pad_id = processor.tokenizer.pad_token_id
     device = next(model.parameters()).device
-    micro = cfg["batch_size"] // cfg["grad_accum"]
-    if micro < 1 or cfg["batch_size"] % cfg["grad_accum"]:
-        raise ValueError(f"train.batch_size={cfg['batch_size']} must be a multiple of train.grad_accum={cfg['grad_accum']}")
-    steps_per_epoch = math.ceil(len(encoded) / cfg["batch_size"])
-    total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
-    params = [p for p in model.parameters() if p.requires_grad]
+    total = cfg["max_steps"] or math.ceil(len(encoded) / cfg["batch_size"]) * cfg["epochs"]
+    params, optimizer, scheduler, micro = optimizer_setup(model, cfg, total)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total, max(1, int(cfg["warmup_ratio"] * total)))
-    )
     rng = random.Random(seed)
     order: list[int] = []
     history: list[dict] = []
