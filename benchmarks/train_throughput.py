@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params, image {spec.image_size}px "
           f"patch {spec.patch_size} -> {args.image_tokens} image tokens, text hidden {spec.text_hidden} x "
           f"{spec.text_layers} layers; {args.pairs} pairs, batch {args.batch_size}, {torch.get_num_threads()} "
-          f"threads, device {device}", flush=True)
+          f"threads, device {device}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > (os.cpu_count() or 1):
+        print("  warning: the machine is already loaded; with several torch threads per process the OpenMP "
+              "threads oversubscribe the cores and every side slows severalfold (try --threads 1)", flush=True)
 
     t = time.perf_counter()
     encoded, kept, dropped = encode_pairs(processor, pairs, max_length=4096)
@@ -353,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{summary['prefloop']['pairs_per_s'] / summary['trl+ref']['pairs_per_s']:.2f}")
     gap = abs(summary["prefloop"]["mean_loss"] - summary["trl"]["mean_loss"])
     print(f"mean DPO loss |PrefLoop - TRL| = {gap:.2e}; reference log-probs max |PrefLoop - TRL| = {ref_gap:.2e}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"outside the timed steps: PrefLoop encode {len(pairs) / prefloop_encode_s:.0f} pairs/s (once per round), "
           f"TRL collate {len(pairs) / trl_collate_s:.0f} pairs/s (every epoch, on the fly); reference pass: "
           f"PrefLoop {len(pairs) / prefloop_ref_s:.0f} pairs/s, TRL {len(pairs) / trl_ref_s:.0f} pairs/s")
