@@ -19,7 +19,6 @@ from omegaconf import MISSING
 from evaluation.judges import AnchorJudge, CorrectnessJudge, RatingJudge, YesNoJudge
 from evaluation.rating_rewards import GRPORewardJudge
 from evaluation.suites.hf import HFSource
-from evaluation.suites.shapes import ShapesSource
 from methods.judge_grpo import JudgeGRPO
 from methods.mpo import MPO
 from methods.reasoner import Reasoner

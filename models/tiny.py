@@ -28,7 +28,13 @@ from pathlib import Path
 
 import torch
 
-from evaluation.suites.shapes import ShapesSpec, answer_space, corpus, make_queries, spec_from_config
+from evaluation.suites.shapes import (
+    ShapesSpec,
+    answer_space,
+    corpus,
+    make_queries,
+    spec_from_config,
+)
 from models.logprobs import collate, completion_ids, encode_prompt, sequence_logps
 from models.progress import Progress
 from models.records import user_prompt
@@ -142,7 +148,12 @@ def build_processor(spec: TinySpec, tokenizer):
 
 
 def build_model(spec: TinySpec, tokenizer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,

@@ -80,7 +80,7 @@ def test_trained_policy_saves_and_reloads_over_two_rounds(tiny_model_dir, tmp_pa
         assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
         trained = _logp_of(model, processor, pairs[0])
         out = tmp_path / f"round_{round_index}"
-        policy = save_policy(model, processor, out, read_policy(checkpoint, cfg))
+        save_policy(model, processor, out, read_policy(checkpoint, cfg))
         reloaded, _ = load_policy(cfg, str(out), trainable=False)
         after = _logp_of(reloaded, processor, pairs[0])
         assert after != pytest.approx(before, abs=1e-6)  # parameters changed

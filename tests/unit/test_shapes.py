@@ -2,8 +2,14 @@ from collections import Counter
 
 import pytest
 
-from evaluation.suites.shapes import (QUESTION_TYPES, ShapesSpec, answer_space, load_split, make_queries,
-                                      spec_from_config)
+from evaluation.suites.shapes import (
+    QUESTION_TYPES,
+    ShapesSpec,
+    answer_space,
+    load_split,
+    make_queries,
+    spec_from_config,
+)
 
 
 def test_deterministic_per_seed_and_split():
