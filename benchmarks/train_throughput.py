@@ -40,7 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.suites.shapes import answer_space, make_queries
 from models.losses import DPOLoss, PairLogps
 from models.records import assistant_message, user_prompt
-from models.tiny import TinySpec, build_model, build_processor, build_tokenizer
+from models.tiny import (
+    TinySpec,
+    aligned_chat_template,
+    build_model,
+    build_processor,
+    build_tokenizer,
+)
 from models.trainer import encode_pairs, pair_logps, reference_logps
 
 MODES = {
@@ -53,26 +59,6 @@ SUFFIX = " Answer the question using a single word or phrase."
 
 
 # --- setup -------------------------------------------------------------------------------
-
-
-def aligned_chat_template(eos_token: str) -> str:
-    """PrefLoop's tiny template for prompts; an assistant turn renders as ``text + eos`` right
-    after ``"ASSISTANT:"``, so TRL's completion tokens equal PrefLoop's ``completion_ids``
-    (tests/unit/test_trl_logps_parity.py asserts the token sequences are identical)."""
-    return (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'assistant' -%}"
-        "{{- 'ASSISTANT:' -}}"
-        "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
-        f"{{{{- '{eos_token}' -}}}}"
-        "{%- else -%}"
-        "{{- message['role'].upper() + ': ' -}}"
-        "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
-        "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] + ' ' -}}{%- endfor -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-    )
 
 
 def make_pairs(spec: TinySpec, n: int, seed: int) -> list[dict]:

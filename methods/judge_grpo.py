@@ -60,7 +60,7 @@ from models.grpo import (
     train_grpo,
 )
 from models.logprobs import EncodedPrompt, completion_ids, encode_prompt
-from models.records import Candidate, Query, Scored, user_prompt
+from models.records import Candidate, Query, Scored, group_by_query, user_prompt
 from models.sampling import Policy
 
 ROLLOUTS = ("rated", "free")
@@ -122,9 +122,7 @@ class JudgeGRPO:
 
     def pair(self, scored: list[Scored], queries: dict[str, Query], seed: int) -> tuple[list[dict], dict]:
         """One row per query: prompt, images, the G completions, rewards, advantages."""
-        by_query: dict[str, list[Scored]] = {}
-        for s in scored:
-            by_query.setdefault(s["query_id"], []).append(s)
+        by_query = group_by_query(scored)
         rows, flat = [], 0
         for qid, cands in by_query.items():
             cands.sort(key=lambda c: c["extras"]["sample"])

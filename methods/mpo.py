@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 from evaluation.judges import find_answer
 from evaluation.metrics import normalise
-from models.records import Candidate, Pair, Query, Scored, assistant_message, user_prompt
+from models.records import (
+    Candidate,
+    Pair,
+    Query,
+    Scored,
+    assistant_message,
+    group_by_query,
+    user_prompt,
+)
 from models.sampling import Policy
 
 CORRECTNESS, DROPOUT_NTP = "correctness", "dropout_ntp"
@@ -122,9 +130,7 @@ class MPO:
 
     def pair(self, scored: list[Scored], queries: dict[str, Query], seed: int) -> tuple[list[Pair], dict]:
         rng = random.Random(seed)
-        by_query: dict[str, list[Scored]] = {}
-        for s in scored:
-            by_query.setdefault(s["query_id"], []).append(s)
+        by_query = group_by_query(scored)
         pairs: list[Pair] = []
         counts = {"correctness_pairs": 0, "dropout_ntp_pairs": 0, "unparseable": 0,
                   "dropped_no_contrast": 0, "dropped_equal": 0, "dropped_empty": 0,

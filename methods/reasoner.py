@@ -11,7 +11,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from models.records import Candidate, Pair, Query, Scored, assistant_message, user_prompt
+from models.records import (
+    Candidate,
+    Pair,
+    Query,
+    Scored,
+    assistant_message,
+    group_by_query,
+    user_prompt,
+)
 from models.sampling import Policy
 
 
@@ -44,9 +52,7 @@ class Reasoner:
 
     def pair(self, scored: list[Scored], queries: dict[str, Query], seed: int) -> tuple[list[Pair], dict]:
         rng = random.Random(seed)
-        by_query: dict[str, list[Scored]] = {}
-        for s in scored:
-            by_query.setdefault(s["query_id"], []).append(s)
+        by_query = group_by_query(scored)
         low, high = self.accuracy_band
         pairs, outside_band, no_contrast = [], 0, 0
         for qid, cands in by_query.items():

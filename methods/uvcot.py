@@ -68,7 +68,15 @@ from dataclasses import dataclass
 
 from evaluation.metrics import normalise
 from methods.boxes import crop, format_box, iou, resolve_box
-from models.records import Candidate, Pair, Query, Scored, assistant_message, user_prompt
+from models.records import (
+    Candidate,
+    Pair,
+    Query,
+    Scored,
+    assistant_message,
+    group_by_query,
+    user_prompt,
+)
 from models.sampling import Policy
 
 # The released prompts (UV-CoT code, llava15_gen_data_*.py).
@@ -228,9 +236,7 @@ class UVCoT:
 
     def pair(self, scored: list[Scored], queries: dict[str, Query], seed: int) -> tuple[list[Pair], dict]:
         rng = random.Random(seed)
-        by_query: dict[str, list[Scored]] = {}
-        for s in scored:
-            by_query.setdefault(s["query_id"], []).append(s)
+        by_query = group_by_query(scored)
         pairs: list[Pair] = []
         stats = {"box_pairs": 0, "answer_pairs": 0, "no_box_contrast": 0, "no_answer_contrast": 0}
         ious, chosen_ious, rejected_ious, best_scores, parsed, model_boxes = [], [], [], [], 0, 0

@@ -80,3 +80,11 @@ def message_text(messages: list[dict]) -> str:
             if item.get("type") == "text" and item.get("text"):
                 parts.append(item["text"])
     return " ".join(parts)
+
+
+def group_by_query(scored: list[Scored]) -> dict[str, list[Scored]]:
+    """Scored candidates grouped by query id, in first-seen order (methods pair within a query)."""
+    groups: dict[str, list[Scored]] = {}
+    for s in scored:
+        groups.setdefault(s["query_id"], []).append(s)
+    return groups

@@ -53,6 +53,26 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
+def aligned_chat_template(eos_token: str) -> str:
+    """PrefLoop's tiny template for prompts; an assistant turn renders as ``text + eos`` right
+    after ``"ASSISTANT:"``, so TRL's completion tokens equal PrefLoop's ``completion_ids``
+    (tests/unit/test_trl_logps_parity.py asserts the token sequences are identical)."""
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{- 'ASSISTANT:' -}}"
+        "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+        f"{{{{- '{eos_token}' -}}}}"
+        "{%- else -%}"
+        "{{- message['role'].upper() + ': ' -}}"
+        "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+        "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] + ' ' -}}{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
 # Prompts other methods add to questions; in the tokenizer corpus so they tokenize compactly.
 METHOD_TEXT = [
     "USER: ASSISTANT:",

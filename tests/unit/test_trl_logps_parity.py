@@ -37,6 +37,7 @@ from evaluation.suites.shapes import make_queries, spec_from_config
 from models.load import load_processor
 from models.losses import DPOLoss
 from models.records import assistant_message, user_prompt
+from models.tiny import aligned_chat_template
 from models.trainer import encode_pairs, pair_logps
 
 with warnings.catch_warnings():
@@ -48,25 +49,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 ATOL = 1e-4
 BETA = 0.1
 REJECTED = ["no", "the red big circle is on the left", "three", "left right", "purple square"]
-
-
-def aligned_chat_template(eos_token: str) -> str:
-    """PrefLoop's template (models.tiny.CHAT_TEMPLATE) for user turns and the generation prompt;
-    an assistant turn renders as ``text + eos`` right after ``"ASSISTANT:"``."""
-    return (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'assistant' -%}"
-        "{{- 'ASSISTANT:' -}}"
-        "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
-        f"{{{{- '{eos_token}' -}}}}"
-        "{%- else -%}"
-        "{{- message['role'].upper() + ': ' -}}"
-        "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
-        "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] + ' ' -}}{%- endfor -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-    )
 
 
 def make_rows(n: int = 6) -> list[dict]:
