@@ -24,6 +24,7 @@ from methods.mpo import MPO
 from methods.reasoner import Reasoner
 from methods.seva import SeVa
 from methods.uvcot import UVCoT
+from models.distributed_train import LAUNCHERS, accelerate_config_path
 from models.losses import (
     BCOLoss,
     BCOPairLoss,
@@ -108,6 +109,11 @@ class TrainSchema:
     max_length: int = 2048  # longer pairs are dropped and counted, never truncated
     ref_batch_size: int = 32
     save_every: int = 0  # > 0: save the full training state every N steps so a killed stage resumes
+    # inprocess: train in the stage's own process. accelerate: `accelerate launch` num_processes
+    # ranks of models/distributed_train.py with conf/accelerate/<accelerate_config>.yaml (or a path).
+    launcher: str = "inprocess"
+    num_processes: int = 2
+    accelerate_config: str = "ddp_cpu"
 
 
 @dataclass
@@ -176,6 +182,20 @@ def validate(cfg) -> None:
             raise ConfigError(f"{group}._target_={target!r} cannot be imported: {err}") from None
         if dataclasses.is_dataclass(cls):
             check(schema_of(cls), OmegaConf.create(node), f"'{group}' ({target})")
+    check_launcher(plain["train"])
+
+
+def check_launcher(train: dict) -> None:
+    """The choices a str field cannot express in the schema (OmegaConf has no Literal type)."""
+    if train["launcher"] not in LAUNCHERS:
+        raise ConfigError(f"train.launcher={train['launcher']!r} is not one of {', '.join(LAUNCHERS)}")
+    if train["launcher"] == "accelerate":
+        if train["num_processes"] < 1:
+            raise ConfigError(f"train.num_processes={train['num_processes']} must be at least 1")
+        try:
+            accelerate_config_path(train["accelerate_config"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def register() -> None:

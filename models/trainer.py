@@ -9,7 +9,8 @@ Losses are called as ``loss_fn(policy: PairLogps, reference: PairLogps, batch)``
 
 Each pair's image and prompt run once; chosen and rejected continue from the shared prefix's
 KV cache (``pair_logps``), the loss is averaged over pairs, AdamW with linear warm-up and
-cosine decay.
+cosine decay. Under ``accelerate launch`` each rank trains its share of every batch and the
+step equals the single-process one (``models.data_parallel``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from models.data_parallel import DataParallel
 from models.logprobs import (
     EncodedPrompt,
     checkpointing_drops_cache,
@@ -159,7 +161,8 @@ def save_resume_state(path: Path, state: dict) -> None:
 
 
 def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: int,
-                resume_dir: Path | None = None, on_step: Callable[[int], None] | None = None) -> list[dict]:
+                resume_dir: Path | None = None, on_step: Callable[[int], None] | None = None,
+                parallel: DataParallel | None = None) -> list[dict]:
     """Train ``model`` in place on ``pairs``; returns one metrics dict per optimizer step.
 
     cfg keys: lr, weight_decay, epochs, batch_size, grad_accum, warmup_ratio, max_grad_norm,
@@ -169,8 +172,13 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
     optimizer, schedule, loss state such as BCO's running delta, data order, RNG) is saved
     every ``save_every`` steps, and a later call with the same arguments continues from the
     last save: a killed training stage resumes with the same result as an uninterrupted one.
-    ``on_step(step)`` is called after each optimizer step (progress hooks, tests)."""
+    ``on_step(step)`` is called after each optimizer step (progress hooks, tests).
+
+    ``parallel``: one rank of a data-parallel run (``models.data_parallel``; None: the single
+    process). Every rank draws the same batches from the same seed and trains its share; the
+    history holds the global metrics on every rank, and only rank 0 writes mid-training saves."""
     # --- setup
+    parallel = parallel or DataParallel()
     torch.manual_seed(seed)
     encoded, kept, _ = encode_pairs(processor, pairs, cfg["max_length"])
     ref_chosen = torch.tensor([pairs[i]["ref_chosen_logp"] for i in kept])
@@ -198,6 +206,7 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         order, history, start_step = state["order"], state["history"], state["step"] + 1
+    model, optimizer, scheduler = parallel.prepare(model, optimizer, scheduler, cfg)
     progress = Progress("train", total, unit="steps")
     progress.done = start_step
     model.train()
@@ -209,8 +218,9 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
         batch_idx, order = order[: cfg["batch_size"]], order[cfg["batch_size"] :]
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for start in range(0, len(batch_idx), micro):
-            idx = batch_idx[start : start + micro]
+        mine = parallel.share(batch_idx)
+        for start in range(0, len(mine), micro):
+            idx = mine[start : start + micro]
             policy = pair_logps(model, [encoded[i] for i in idx], pad_id)
             reference = PairLogps(ref_chosen[idx].to(device), ref_rejected[idx].to(device),
                                   policy.chosen_tokens, policy.rejected_tokens)
@@ -219,16 +229,18 @@ def train_pairs(model, processor, pairs: list[dict], loss_fn, cfg: dict, seed: i
             extras = {"index": idx, "score_chosen": score_chosen[idx].to(device),
                       "score_rejected": score_rejected[idx].to(device)}
             loss, metrics = loss_fn(policy, reference, extras)
-            (loss.sum() / len(batch_idx)).backward()
+            parallel.backward(loss, len(batch_idx))
             for name, value in {"loss": loss.mean(), **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(idx) / len(batch_idx)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+        grad_norm = parallel.reduce_and_clip(params, cfg["max_grad_norm"])
         optimizer.step()
         scheduler.step()
-        record = {"step": step, **sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        record = {"step": step, **parallel.reduce_metrics(sums), "grad_norm": grad_norm,
+                  "lr": scheduler.get_last_lr()[0]}
         history.append(record)
         progress.update(1, loss=record["loss"])
-        if resume_dir is not None and save_every and (step + 1) % save_every == 0 and step + 1 < total:
+        if (resume_dir is not None and save_every and (step + 1) % save_every == 0 and step + 1 < total
+                and parallel.is_main):
             save_resume_state(resume_dir, {
                 "weights": {k: v for k, v in model.state_dict().items() if k in trainable},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
