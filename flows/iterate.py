@@ -30,10 +30,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from prefect import flow
 
-from flows.schema import NON_RESULT_KEYS, ConfigError, register, validate
-from models.load import ModelUnavailable, check_available
+from flows.checks import check_data, hide_user_error_tracebacks, is_user_error, user_message
+from flows.schema import NON_RESULT_KEYS, register, validate
+from models.load import check_available
 from tasks import tracking
-from tasks.artifacts import DiskFull, read_manifest
+from tasks.artifacts import read_manifest
 from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.pair import pair
@@ -134,13 +135,17 @@ register()
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     quiet_third_party_logs()
+    hide_user_error_tracebacks()
     try:
         validate(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
         check_available(container["model"])
+        check_data(container)
         iterate(container, sweep=sweep_id())
-    except (ModelUnavailable, ConfigError, DiskFull) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # a bad model, config, dataset or a full disk: one line, no traceback
+        if not is_user_error(err):
+            raise
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

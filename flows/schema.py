@@ -9,6 +9,7 @@ once, in its own module.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -156,6 +157,19 @@ class ConfigError(ValueError):
 COMPONENT_GROUPS = ("method", "loss", "judge")
 
 
+def unknown_key_fix(err) -> str:
+    """For OmegaConf's unknown-key error, the closest known key and the fix ('' for other errors)."""
+    from omegaconf.errors import ConfigKeyError
+
+    if not isinstance(err, ConfigKeyError) or not dataclasses.is_dataclass(err.object_type):
+        return ""
+    known = [f.name for f in dataclasses.fields(err.object_type) if f.name != "_target_"]
+    close = difflib.get_close_matches(str(err.key), known, n=1)
+    guess = f"Did you mean {close[0]!r}? " if close else ""
+    return (f"\n{guess}Known keys there: {', '.join(known)}. Fix the key's spelling or drop the override "
+            "(a + override adds a key, but nothing reads a key its schema does not declare).")
+
+
 def validate(cfg) -> None:
     """Re-check a composed config against the schemas, including keys added with ``+key=``
     (Hydra's force-add bypasses struct mode) and each component's own dataclass."""
@@ -167,7 +181,8 @@ def validate(cfg) -> None:
         try:
             OmegaConf.merge(OmegaConf.structured(schema), node)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"invalid config in {where}: {err.msg if hasattr(err, 'msg') else err}") from None
+            message = err.msg if hasattr(err, "msg") else err
+            raise ConfigError(f"invalid config in {where}: {message}{unknown_key_fix(err)}") from None
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     components = {g: plain.pop(g) for g in COMPONENT_GROUPS}

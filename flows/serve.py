@@ -28,6 +28,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefloop")
 from omegaconf import OmegaConf
 from prefect import flow
 
+from flows.checks import check_data
 from flows.iterate import iterate, quiet_third_party_logs
 from flows.schema import ConfigError, register, validate
 from models.load import check_available
@@ -54,17 +55,10 @@ def compose_config(overrides: list[str]) -> dict:
 
 
 def preflight(cfg: dict) -> None:
-    """Fail in seconds, before any stage, on an unreachable model or a bad data source config
-    (building a source reads no data)."""
-    from tasks.common import build
-
+    """Fail in seconds, before any stage, on an unreachable model or a dataset that cannot be
+    read as configured (path, split, columns; flows/checks.py)."""
     check_available(cfg["model"])
-    for where in ("data", "eval"):
-        try:
-            build(cfg[where]["source"])
-        except Exception as err:  # noqa: BLE001 - instantiate wraps the source's own message
-            cause = err.__cause__ or err
-            raise ConfigError(f"{where}.source: {cause}") from None
+    check_data(cfg)
 
 
 @flow(name=FLOW_NAME, log_prints=True)

@@ -15,13 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from models.load import ModelUnavailable, load_policy, set_threads
 from models.records import Query
 from models.sampling import Policy
+from tasks.artifacts import DiskFull
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry transient failures; a bad config, bad input or missing model fails at once."""
+    """Retry transient failures; a bad config, bad input, missing model or full disk fails at once."""
     try:
         state.result()
-    except (ModelUnavailable, ValueError, KeyError, TypeError):
+    except (ModelUnavailable, DiskFull, ValueError, KeyError, TypeError):
         return False
     except Exception:
         return True

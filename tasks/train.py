@@ -54,6 +54,8 @@ def train(run_dir: str, round_index: int, cfg: dict, pairs_dir: str, policy_ckpt
         parent = read_policy(policy_ckpt, cfg["model"])
         n_pairs = read_manifest(pairs_dir)["counts"]["pairs"]
         if n_pairs == 0:
+            log.warning("round %d yielded zero preference pairs (see %s/manifest.json): no training; the "
+                        "round's policy is carried forward unchanged", round_index, pairs_dir)
             write_json(tmp / "policy.json", parent)
             manifest["counts"] = {"pairs": 0, "steps": 0, "carried_forward": 1}
         else:

@@ -33,6 +33,9 @@ summary line per call), so a round may get fewer than stop - start queries, neve
     bad_boxes        ``boxes`` / ``target_box`` is not a list of [x0, y0, x1, y1]
     duplicate_id     an id already used in the same slice (ids key the pair stage's lookup)
 
+``check(split)`` reads only the layout (path or hub id, split, mapped columns) and raises
+DataUnavailable naming the fix; ``python -m flows.iterate`` runs it before any stage.
+
 Images are normalised, counted in ``self.converted``: grayscale / palette / CMYK -> RGB,
 RGBA -> RGB over white (``to_rgb``); longer side > ``image_max_side`` -> downscaled with
 Lanczos, boxes scaled with it (``downscaled``).
@@ -75,8 +78,9 @@ _SLICE = re.compile(r"^(?P<name>[^\[\]]*)\[(?P<a>-?\d+%?)?:(?P<b>-?\d+%?)?\]$")
 
 
 class DataUnavailable(ValueError):
-    """A dataset that cannot be loaded; the message names it and says how to fix the config.
-    A ValueError, so the stage fails at once instead of retrying."""
+    """A dataset that cannot be read as configured (path, hub, split, columns, rows); the message
+    names it and says how to fix the config. A ValueError, so the stage fails at once instead of
+    retrying; the CLI prints the message alone."""
 
 
 @dataclass
@@ -120,7 +124,7 @@ class HFSource:
         """Usable rows among rows [start, stop) of ``split`` (see the module docstring)."""
         ds, split_name, rows = self._rows(split)
         if start >= len(rows):
-            raise ValueError(
+            raise DataUnavailable(
                 f"dataset {self.path!r} split {split_name!r} has {len(rows)} rows, but rows "
                 f"[{start}, {stop}) were asked for: lower queries_per_round / rounds (data) or eval.size (eval)")
         if self.shuffle:
@@ -156,6 +160,16 @@ class HFSource:
                         base, split_name, start, min(stop, len(rows)), len(out),
                         dict(skipped) or "none", dict(converted) or "none")
         return out
+
+    def check(self, split: str) -> None:
+        """Raise DataUnavailable now, decoding no row, if ``split`` cannot be read as configured:
+        the path (or hub id), the split name and every mapped column. The CLI calls this before
+        any stage, so a typo in a column name fails in seconds, not after the model is built."""
+        ds, split_name, rows = self._rows(split)
+        if not len(rows):
+            raise DataUnavailable(f"dataset {self.path!r} split {split_name!r} has no rows; set data.split / "
+                                  "eval.split to a split (or slice) that has some")
+        self._check_columns(ds)
 
     def answer_space(self) -> set[str]:
         """Normalised answers a response is checked against (the evaluate stage's malformed rate)."""
@@ -269,7 +283,7 @@ class HFSource:
         if not base and len(loaded) == 1:
             base = next(iter(loaded))
         if base not in loaded:
-            raise ValueError(f"dataset {self.path!r} has splits {sorted(loaded)}, not {base!r}: set data.split / "
+            raise DataUnavailable(f"dataset {self.path!r} has splits {sorted(loaded)}, not {base!r}: set data.split / "
                              "eval.split (or source.split) to one of them, or slice one, e.g. 'train[90%:]'")
         return loaded[base], base
 
@@ -289,7 +303,7 @@ class HFSource:
             column = self.columns.get(key)
             if column and column not in available:
                 hint = " (or null if the dataset has none)" if key not in ("image", "question") else ""
-                raise ValueError(
+                raise DataUnavailable(
                     f"column {column!r} (source.columns.{key}) is not in dataset {self.path!r}; available columns: "
                     f"{sorted(available)}. Fix it with data.source.columns.{key}=<column>{hint} "
                     f"(eval.source.columns.{key} for eval=hf)")

@@ -71,7 +71,11 @@ def test_two_rounds_change_parameters_and_reach_mlflow(prefect_harness, tmp_path
     assert len(runs_after) == len(runs)
 
 
-def test_zero_pair_round_carries_policy_forward(prefect_harness, tmp_path, tiny_cache, tiny_model_dir):
+def test_zero_pair_round_carries_policy_forward(prefect_harness, tmp_path, tiny_cache, tiny_model_dir, capfd):
+    """Bad input case 9 (tests/unit/test_bad_input.py): the round is recorded with zero pairs
+    (manifests, MLflow round metrics, a log line) and the policy is carried forward."""
+    from mlflow.tracking import MlflowClient
+
     from flows.iterate import iterate, run_key
 
     # An empty accuracy band keeps no query: the round yields zero pairs.
@@ -79,11 +83,20 @@ def test_zero_pair_round_carries_policy_forward(prefect_harness, tmp_path, tiny_
                                                               "method.accuracy_band=[2.0,3.0]", "rounds=1"])
     summary = iterate(cfg)
     assert summary[1]["pairs"] == 0
+    logged = capfd.readouterr().err  # the prefloop logger writes through Prefect's console handler
+    assert "round 1 yielded zero preference pairs" in logged and "carried forward unchanged" in logged
     checkpoint = tmp_path / "runs" / "prefloop" / run_key(cfg) / "round_1" / "checkpoint"
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    assert manifest["counts"]["carried_forward"] == 1
+    assert manifest["counts"] == {"pairs": 0, "steps": 0, "carried_forward": 1}
     assert json.loads((checkpoint / "policy.json").read_text())["path"] == str(tiny_model_dir)
     assert summary[1]["accuracy"] == summary[0]["accuracy"]
+
+    client = MlflowClient(cfg["tracking_uri"])
+    experiment = client.get_experiment_by_name("prefloop").experiment_id
+    (round_1,) = client.search_runs([experiment], "tags.`prefloop.round` = '1'")
+    metrics = round_1.data.metrics
+    assert metrics["count/pairs"] == 0 and metrics["count/carried_forward"] == 1 and metrics["count/steps"] == 0
+    assert "train/loss" not in metrics and "eval/accuracy" in metrics
 
 
 def _finished(run_dir: Path) -> dict[str, str]:

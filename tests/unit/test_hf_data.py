@@ -99,6 +99,7 @@ def test_bad_rows_are_skipped_counted_and_logged(data_dir, layout, tmp_path, cap
     assert "skipping row 7 of split 'train' (no_image): text-only row" in text
     assert "(corrupt_image): cannot decode the image: UnidentifiedImageError" in text and "(empty_answer)" in text
     assert "9 queries; skipped {" in text and "'corrupt_image': 1" in text
+    assert "converted images {'to_rgb': 2, 'downscaled': 1}" in text
 
 
 def test_slices_are_disjoint_deterministic_and_shuffled(data_dir):
