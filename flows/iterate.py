@@ -5,6 +5,7 @@ Hydra composes conf/ -> the Prefect flow ``iterate`` runs UV-CoT's Algorithm 2:
     evaluate(f_0)                                            round_0/eval
     for round i in 1..rounds:
         candidates = generate(f_{i-1}, X_i)                  round_i/candidates
+                     (generate.shards=N: N shard tasks on the task runner, merged in order)
         scores     = score(candidates, judge)                round_i/scores
         pairs      = pair(scores, method) + ref log-probs    round_i/pairs
         f_i        = train(f_{i-1}, pairs, loss)             round_i/checkpoint
@@ -31,12 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from prefect import flow
 
 from flows.checks import check_data, hide_user_error_tracebacks, is_user_error, user_message
-from flows.schema import NON_RESULT_KEYS, register, validate
+from flows.runners import with_task_runner
+from flows.schema import NON_RESULT_KEYS, generate_key, register, validate
 from models.load import check_available
 from tasks import tracking
 from tasks.artifacts import read_manifest
 from tasks.evaluate import evaluate
-from tasks.generate import generate
+from tasks.generate import generate_round
 from tasks.pair import pair
 from tasks.score import score
 from tasks.train import train
@@ -45,6 +47,8 @@ from tasks.train import train
 def run_key(cfg: dict) -> str:
     """Short hash of the config fields that change results."""
     relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    if generate_key(cfg):
+        relevant["generate"] = generate_key(cfg)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -61,7 +65,7 @@ def iterate(cfg: dict, sweep: str | None = None) -> list[dict]:
     tracking.log_round(mlflow, parent_id, 0, {"evaluate": rounds[0]["evaluate"]})
     policy = None  # None = the base model, f_0
     for i in range(1, cfg["rounds"] + 1):
-        stages = {"generate": generate(str(run_dir), i, cfg, policy)}
+        stages = {"generate": generate_round(str(run_dir), i, cfg, policy)}
         stages["score"] = score(str(run_dir), i, cfg, stages["generate"], policy)
         stages["pair"] = pair(str(run_dir), i, cfg, stages["score"], policy)
         stages["train"] = train(str(run_dir), i, cfg, stages["pair"], policy)
@@ -141,7 +145,7 @@ def main(cfg: DictConfig) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
         check_available(container["model"])
         check_data(container)
-        iterate(container, sweep=sweep_id())
+        with_task_runner(iterate, container)(container, sweep=sweep_id())
     except Exception as err:  # a bad model, config, dataset or a full disk: one line, no traceback
         if not is_user_error(err):
             raise

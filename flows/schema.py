@@ -127,6 +127,44 @@ class FaultSchema:
 
 
 @dataclass
+class DaskSchema:
+    """Where ``generate.task_runner=dask`` runs the shards."""
+
+    address: Optional[str] = None  # a running scheduler (tcp://host:8786); None: a LocalCluster here
+    n_workers: int = 2  # LocalCluster worker processes, one shard at a time each
+    # torch threads per LocalCluster worker; 0: $OMP_NUM_THREADS if set, else cores // n_workers
+    torch_threads: int = 0
+
+
+@dataclass
+class VLLMSchema:
+    """vLLM engine settings for ``generate.backend=vllm`` (models/vllm_sampling.py)."""
+
+    gpu_memory_utilization: float = 0.9
+    max_model_len: Optional[int] = None  # None: the model's own context length
+    max_images_per_prompt: int = 2  # uvcot's answer step shows the image and its crop
+
+
+@dataclass
+class GenerateSchema:
+    """How the generate stage runs (tasks/generate.py)."""
+
+    shards: int = 1  # > 1: contiguous query shards, one Prefect task and artifact each
+    task_runner: str = "thread"  # thread | dask: where the shard tasks run
+    backend: str = "hf"  # hf | vllm: what samples the answers
+    dask: DaskSchema = field(default_factory=DaskSchema)
+    vllm: VLLMSchema = field(default_factory=VLLMSchema)
+
+
+TASK_RUNNERS = ("thread", "dask")
+BACKENDS = ("hf", "vllm")
+# The generate keys that change results, at the values that reproduce runs made before the
+# group existed: at these values the group is left out of the run key, so those runs'
+# directories keep resuming. Its other keys only choose where and how fast answers are sampled.
+GENERATE_RESULT_DEFAULTS = {"shards": 1, "backend": "hf"}
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     model: ModelSchema = MISSING
@@ -135,6 +173,7 @@ class Config:
     eval: EvalSchema = MISSING
     judge: Any = MISSING
     train: TrainSchema = MISSING
+    generate: GenerateSchema = field(default_factory=GenerateSchema)
     experiment_name: str = "prefloop"
     rounds: int = 3
     queries_per_round: int = 500
@@ -147,7 +186,8 @@ class Config:
 # Keys that do not change results: left out of the run key so they can vary freely.
 # ``rounds`` is out too: round i always uses the i-th slice of queries_per_round queries,
 # so asking for more rounds extends a finished run instead of starting over.
-NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault")
+# ``generate`` is keyed separately (``generate_key``).
+NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault", "generate")
 
 
 class ConfigError(ValueError):
@@ -187,6 +227,7 @@ def validate(cfg) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     components = {g: plain.pop(g) for g in COMPONENT_GROUPS}
     check(Config, OmegaConf.create(plain | {g: {} for g in COMPONENT_GROUPS}), "the top-level config")
+    check_generate(plain["generate"])
     for group, node in components.items():
         target = node.get("_target_")
         if not target:
@@ -213,6 +254,29 @@ def check_launcher(train: dict) -> None:
             raise ConfigError(str(err)) from None
 
 
+def check_generate(generate: dict) -> None:
+    """Values the schema's types cannot express; vLLM's absence fails here, before any stage."""
+    if generate["shards"] < 1:
+        raise ConfigError(f"generate.shards={generate['shards']} must be >= 1")
+    if generate["task_runner"] not in TASK_RUNNERS:
+        raise ConfigError(f"generate.task_runner={generate['task_runner']!r}: choose one of {', '.join(TASK_RUNNERS)}")
+    if generate["backend"] not in BACKENDS:
+        raise ConfigError(f"generate.backend={generate['backend']!r}: choose one of {', '.join(BACKENDS)}")
+    if generate["backend"] == "vllm":
+        from models.vllm_sampling import VLLMUnavailable, require_vllm
+
+        try:
+            require_vllm()
+        except VLLMUnavailable as err:
+            raise ConfigError(str(err)) from None
+
+
+def generate_key(cfg: dict) -> dict:
+    """The part of ``generate`` that enters the run key: result-changing keys off their default."""
+    generate = cfg.get("generate") or {}
+    return {k: generate[k] for k, default in GENERATE_RESULT_DEFAULTS.items() if generate.get(k, default) != default}
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="prefloop_schema", node=Config)
@@ -221,6 +285,7 @@ def register() -> None:
     cs.store(group="data", name="hf_source_schema", node=schema_of(HFSource))
     cs.store(group="eval", name="eval_schema", node=EvalSchema)
     cs.store(group="train", name="train_schema", node=TrainSchema)
+    cs.store(group="generate", name="generate_schema", node=GenerateSchema)
     cs.store(group="method", name="seva_schema", node=schema_of(SeVa))
     cs.store(group="method", name="reasoner_schema", node=schema_of(Reasoner))
     cs.store(group="method", name="judge_grpo_schema", node=schema_of(JudgeGRPO))

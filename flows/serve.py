@@ -30,6 +30,7 @@ from prefect import flow
 
 from flows.checks import check_data
 from flows.iterate import iterate, quiet_third_party_logs
+from flows.runners import with_task_runner
 from flows.schema import ConfigError, register, validate
 from models.load import check_available
 
@@ -67,7 +68,7 @@ def iterate_overrides(overrides: list[str] | None = None) -> list[dict]:
     quiet_third_party_logs()
     cfg = compose_config(overrides or [])
     preflight(cfg)
-    return iterate(cfg)
+    return with_task_runner(iterate, cfg)(cfg)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

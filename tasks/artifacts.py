@@ -47,11 +47,14 @@ def versions() -> dict:
 
 
 @contextmanager
-def stage_output(final_dir: str | Path, stage: str, inputs: dict[str, str | None]):
+def stage_output(final_dir: str | Path, stage: str, inputs: dict[str, str | None],
+                 started_at: float | None = None):
     """Yield ``(tmp_dir, manifest)``; the caller fills tmp_dir and manifest["counts"] etc.
 
     ``inputs`` maps names to upstream stage directories (or None); their manifest hashes are
-    recorded so a manifest says exactly what it was computed from."""
+    recorded so a manifest says exactly what it was computed from. ``started_at`` (a
+    ``time.time()``) is when the stage's work began, for a stage that worked before opening its
+    output (sharded generation): ``total_s`` then counts from there."""
     final_dir = Path(final_dir)
     if final_dir.exists() and not is_done(final_dir):
         # A directory without manifest can only come from a bug or a hand edit: never read it.
@@ -69,7 +72,7 @@ def stage_output(final_dir: str | Path, stage: str, inputs: dict[str, str | None
         "timings": {},
         "versions": versions(),
     }
-    start = time.perf_counter()
+    start = time.perf_counter() - (time.time() - started_at if started_at is not None else 0.0)
     try:
         yield tmp_dir, manifest
         manifest["timings"]["total_s"] = round(time.perf_counter() - start, 3)

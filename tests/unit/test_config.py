@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from flows.schema import ConfigError, register, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ["method", "model", "loss", "data", "eval", "judge", "train"]
+GROUPS = ["method", "model", "loss", "data", "eval", "judge", "train", "generate"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
