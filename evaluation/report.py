@@ -3,6 +3,7 @@ callers pass plain rows, see tasks.tracking.parent_runs)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -31,8 +32,15 @@ def accuracy_chart(rows: list[dict], path: Path, title: str) -> Path:
     for row in rows:
         steps = sorted(row["accuracy"])
         ax.plot(steps, [row["accuracy"][s] for s in steps], marker="o", label=f"{row['method']} / {row['loss']}")
+    return _finish_chart(fig, ax, "held-out accuracy (greedy)", title, path)
+
+
+def _finish_chart(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    """Label a per-round chart, save it as PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -40,3 +48,218 @@ def accuracy_chart(rows: list[dict], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- Experiment reports: variants x seeds, read from the runs' artifact directories ---------
+#
+# ``python -m evaluation.report <experiment>`` (entry point below; MLflow logging is done by
+# flows/report.py because evaluation/ never imports tracking code). The artifact directories are
+# the source of truth: runs/<experiment>/<key>/config.yaml + round_i/{eval,pairs,checkpoint}.
+
+INDEX = "experiment_index.json"
+CONTROL = "control"  # labels of continued-SFT controls start with this (flows/ablate.py)  # written by flows/ablate.py: which run dirs the latest invocation used
+
+
+def read_run(run_dir: Path) -> dict:
+    """One run's per-round metrics from its manifests: {label, seed, method, rounds: {i: {...}}}."""
+    import json
+
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rounds: dict[int, dict] = {}
+    for round_path in sorted(run_dir.glob("round_*")):
+        index = int(round_path.name.split("_")[1])
+        manifest = round_path / "eval" / "manifest.json"
+        if not manifest.exists():
+            continue  # an unfinished round: reported runs must be complete (checked by the caller)
+        row = dict(json.loads(manifest.read_text())["metrics"])
+        for stage, folder in (("pair", "pairs"), ("train", "checkpoint")):
+            path = round_path / folder / "manifest.json"
+            if path.exists():
+                stage_manifest = json.loads(path.read_text())
+                row |= {f"{stage}/{k}": v for k, v in stage_manifest.get("counts", {}).items()}
+                row |= {f"{stage}/{k}": v for k, v in stage_manifest.get("metrics", {}).items()}
+        rounds[index] = row
+    loss_target = (cfg.get("loss") or {}).get("_target_", "")
+    return {"dir": str(run_dir), "label": cfg.get("label") or cfg["method"]["_target_"].rsplit(".", 1)[-1],
+            "seed": cfg["seed"], "method": cfg["method"]["_target_"].rsplit(".", 1)[-1],
+            "loss": loss_target.rsplit(".", 1)[-1], "planned_rounds": cfg["rounds"], "rounds": rounds}
+
+
+def collect_runs(runs_dir: Path, experiment: str) -> list[dict]:
+    """The runs of ``experiment``: those its latest ablation invocation listed, else every run dir."""
+    import json
+
+    root = Path(runs_dir) / experiment
+    if not root.is_dir():
+        raise FileNotFoundError(f"no runs under {root}; run `python -m flows.iterate experiment={experiment}` first "
+                                "or pass --runs-dir")
+    index = root / INDEX
+    if index.exists():
+        dirs = [Path(entry["run_dir"]) for entry in json.loads(index.read_text())["runs"]]
+    else:
+        dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").exists())
+    return [read_run(d) for d in dirs]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)); SE is nan for fewer than 2 values."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, (var / n) ** 0.5
+
+
+def control_of(label: str, labels: set[str]) -> str | None:
+    """The continued-SFT control a variant is compared with: its own matched control
+    ('control (<label>)'), else the experiment's only control; None for controls themselves."""
+    if label.startswith(CONTROL):
+        return None
+    if f"{CONTROL} ({label})" in labels:
+        return f"{CONTROL} ({label})"
+    controls = [lab for lab in labels if lab.startswith(CONTROL)]
+    return controls[0] if len(controls) == 1 else None
+
+
+def summarise_variants(runs: list[dict]) -> list[dict]:
+    """One row per label: per-round mean and SE over seeds, and for the final round the paired
+    (same seed) gain over round 0 and over the variant's continued-SFT control."""
+    by_label: dict[str, list[dict]] = {}
+    for run in runs:
+        by_label.setdefault(run["label"], []).append(run)
+    finals = {label: {r["seed"]: r["rounds"][max(r["rounds"])] for r in group if r["rounds"]}
+              for label, group in by_label.items()}
+    rows = []
+    for label, group in by_label.items():
+        unfinished = [r["dir"] for r in group if not set(r["rounds"]) >= set(range(r["planned_rounds"] + 1))]
+        if unfinished:
+            raise ValueError(f"variant {label!r} has unfinished runs {unfinished}; re-run the experiment to finish them")
+        last = min(r["planned_rounds"] for r in group)
+        row = {"label": label, "method": group[0]["method"], "loss": group[0]["loss"],
+               "seeds": sorted(r["seed"] for r in group), "rounds": list(range(last + 1))}
+        for i in row["rounds"]:
+            for metric in ("accuracy", "sampled/accuracy", "malformed_rate", "sampled/malformed_rate",
+                           "pair/pairs", "train/steps", "train/rewards/margin", *OPTIONAL_COLUMNS):
+                values = [r["rounds"][i][metric] for r in group if metric in r["rounds"][i]]
+                if values:
+                    row[(metric, i)] = mean_se(values)
+        row["gain"] = mean_se([r["rounds"][last]["accuracy"] - r["rounds"][0]["accuracy"] for r in group])
+        control = control_of(label, set(by_label))
+        if control:
+            row["control"] = control
+            row["vs_control"] = mean_se([finals[label][s]["accuracy"] - finals[control][s]["accuracy"]
+                                         for s in finals[label] if s in finals[control]])
+        rows.append(row)
+    return rows
+
+
+# Metrics some runs have (re-ranking, box-CoT): a column each when any variant reports them.
+OPTIONAL_COLUMNS = {"rerank/best_of_n": "best-of-N", "rerank/weighted_vote": "weighted vote",
+                    "rerank/majority_vote": "majority vote", "box_cot/accuracy": "box-CoT acc"}
+
+
+def verdict(mean: float, se: float) -> str:
+    """Whether a paired difference is beyond 2 standard errors, in words."""
+    if math.isnan(se) or se == 0:  # nan (one seed) or identical values
+        return "n/a (one seed)" if math.isnan(se) else ("above" if mean > 0 else "below" if mean < 0 else "equal")
+    if mean > 2 * se:
+        return "above (> 2 SE)"
+    if mean < -2 * se:
+        return "below (> 2 SE)"
+    return "within 2 SE"
+
+
+def _cell(stat: tuple[float, float] | None, digits: int = 3) -> str:
+    if stat is None:
+        return ""
+    mean, se = stat
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def variants_table(rows: list[dict]) -> str:
+    """Markdown: greedy accuracy per round (mean ± SE over seeds), the final round's gain over
+    round 0 and over the continued-SFT control (paired by seed), sampled accuracy, malformed
+    rates, and pairs / optimizer steps / reward margin of the last round."""
+    rounds = max((len(r["rounds"]) for r in rows), default=0)
+    header = ["variant", "seeds", *[f"round {i}" for i in range(rounds)], "final − base", "vs base",
+              "final − control", "vs control", "sampled acc (0 → final)", "malformed greedy / sampled (final)",
+              "pairs", "steps", "reward margin"]
+    optional = [m for m in OPTIONAL_COLUMNS if any((m, r["rounds"][-1]) in r for r in rows)]
+    header += [f"{OPTIONAL_COLUMNS[m]} (final)" for m in optional]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        last = row["rounds"][-1]
+        gain = row["gain"]
+        vs = row.get("vs_control")
+        sampled = f"{_cell(row.get(('sampled/accuracy', 0)))} → {_cell(row.get(('sampled/accuracy', last)))}"
+        malformed = f"{_cell(row.get(('malformed_rate', last)))} / {_cell(row.get(('sampled/malformed_rate', last)))}"
+        cells = [row["label"], str(len(row["seeds"])),
+                 *[_cell(row.get(("accuracy", i))) for i in range(rounds)],
+                 _cell(gain), verdict(*gain), _cell(vs) if vs else "", verdict(*vs) if vs else "",
+                 sampled, malformed, _cell(row.get(("pair/pairs", last)), 0), _cell(row.get(("train/steps", last)), 0),
+                 _cell(row.get(("train/rewards/margin", last)), 2)]
+        cells += [_cell(row.get((m, last))) for m in optional]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_round_chart(rows: list[dict], metric: str, ylabel: str, path: Path, title: str) -> Path | None:
+    """Mean ± SE of ``metric`` per round, one line per variant; None when no variant has it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    drawn = 0
+    for row in rows:
+        points = [(i, row[(metric, i)]) for i in row["rounds"] if (metric, i) in row]
+        if not points:
+            continue
+        xs = [i for i, _ in points]
+        means = [m for _, (m, _) in points]
+        errs = [0.0 if math.isnan(se) else se for _, (_, se) in points]
+        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=row["label"])
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _finish_chart(fig, ax, ylabel, title, path)
+
+
+def write_report(experiment: str, runs: list[dict], out_dir: Path, notes: str = "") -> list[Path]:
+    """report.md (the table + charts) and the PNGs under ``out_dir``; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarise_variants(runs)
+    table = variants_table(rows)
+    charts = [per_round_chart(rows, "accuracy", "held-out accuracy (greedy)", out_dir / "accuracy_per_round.png",
+                              f"{experiment}: greedy held-out accuracy"),
+              per_round_chart(rows, "train/rewards/margin", "reward margin (final quarter of steps)",
+                              out_dir / "reward_margin_per_round.png", f"{experiment}: reward margin")]
+    charts = [c for c in charts if c is not None]
+    seeds = sorted({r["seed"] for r in runs})
+    page = [f"# {experiment}", "",
+            (f"{len(runs)} runs, seeds {seeds}. Mean ± standard error over seeds. 'final − base' and "
+            "'final − control' are paired by seed (same base model, pool and test set); 'vs' says whether the "
+            "difference is beyond 2 standard errors. The control ('control') is continued SFT on the ground-truth "
+            "answers of the same round queries for the same optimizer steps (SeVa Table 3)."), "",
+            table, ""]
+    if notes:
+        page += [notes, ""]
+    page += [f"![{c.stem}]({c.name})" for c in charts]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(page) + "\n")
+    return [report, *charts]
+
+
+if __name__ == "__main__":  # the command the docs name; MLflow logging lives in flows/report.py
+    import sys
+
+    from flows.report import main
+
+    sys.exit(main())

@@ -44,9 +44,15 @@ from tasks.score import score
 from tasks.train import train
 
 
+LAUNCH_KEYS = ("launcher", "num_processes", "accelerate_config")
+
+
 def run_key(cfg: dict) -> str:
     """Short hash of the config fields that change results."""
     relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    # Where training runs does not change what it computes (tests/integration/test_distributed_train.py:
+    # 2 ranks match one process to 1e-6), so the launcher settings stay out of the key.
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in LAUNCH_KEYS}
     if generate_key(cfg):
         relevant["generate"] = generate_key(cfg)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -145,6 +151,13 @@ def main(cfg: DictConfig) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
         check_available(container["model"])
         check_data(container)
+        if container["ablation"]["variants"]:  # an experiment of variants x seeds (conf/experiment/*_ablation)
+            from hydra.core.hydra_config import HydraConfig
+
+            from flows.ablate import ablate
+
+            ablate(container["experiment_name"], list(HydraConfig.get().overrides.task), container["ablation"])
+            return
         with_task_runner(iterate, container)(container, sweep=sweep_id())
     except Exception as err:  # a bad model, config, dataset or a full disk: one line, no traceback
         if not is_user_error(err):

@@ -23,6 +23,7 @@ from evaluation.suites.hf import HFSource
 from methods.judge_grpo import JudgeGRPO
 from methods.mpo import MPO
 from methods.reasoner import Reasoner
+from methods.sft_control import ContinuedSFT
 from methods.seva import SeVa
 from methods.uvcot import UVCoT
 from models.distributed_train import LAUNCHERS, accelerate_config_path
@@ -95,6 +96,9 @@ class EvalSchema:
     rerank_beta: float = 0.1
     # Box-CoT evaluation (methods with eval_box_cot, i.e. uvcot) runs on the first N items.
     box_cot_size: int = 300
+    # Sampled accuracy: one answer per item at this temperature (0 = off), seeded by seed and
+    # round so every round's sample uses the same random stream.
+    sampled_temperature: float = 1.0
 
 
 @dataclass
@@ -115,6 +119,9 @@ class TrainSchema:
     launcher: str = "inprocess"
     num_processes: int = 2
     accelerate_config: str = "ddp_cpu"
+    # Exact optimizer steps of round i (entry i-1), overriding epochs/max_steps; 0 = no training
+    # that round. flows/ablate.py sets it on the continued-SFT control to match a method's steps.
+    steps_per_round: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +172,16 @@ GENERATE_RESULT_DEFAULTS = {"shards": 1, "backend": "hf"}
 
 
 @dataclass
+class AblationSchema:
+    """An experiment of several variants x seeds (flows/ablate.py); empty variants = one plain run."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    control: bool = True  # add continued SFT (method=sft_control) matched to variants' train settings and steps
+    control_for: Optional[list[str]] = None  # the variants that get a matched control (None: every variant)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # label -> Hydra overrides
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     model: ModelSchema = MISSING
@@ -181,13 +198,15 @@ class Config:
     runs_dir: str = "runs"
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     fault: FaultSchema = field(default_factory=FaultSchema)
+    label: Optional[str] = None  # a run's variant name in an experiment report (set by flows/ablate.py)
+    ablation: AblationSchema = field(default_factory=AblationSchema)
 
 
 # Keys that do not change results: left out of the run key so they can vary freely.
 # ``rounds`` is out too: round i always uses the i-th slice of queries_per_round queries,
 # so asking for more rounds extends a finished run instead of starting over.
 # ``generate`` is keyed separately (``generate_key``).
-NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault", "generate")
+NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault", "generate", "label", "ablation")
 
 
 class ConfigError(ValueError):
@@ -291,6 +310,7 @@ def register() -> None:
     cs.store(group="method", name="judge_grpo_schema", node=schema_of(JudgeGRPO))
     cs.store(group="method", name="mpo_schema", node=schema_of(MPO))
     cs.store(group="method", name="uvcot_schema", node=schema_of(UVCoT))
+    cs.store(group="method", name="sft_control_schema", node=schema_of(ContinuedSFT))
     cs.store(group="loss", name="dpo_schema", node=schema_of(DPOLoss))
     cs.store(group="loss", name="ipo_schema", node=schema_of(IPOLoss))
     cs.store(group="loss", name="cdpo_schema", node=schema_of(CDPOLoss))

@@ -33,6 +33,7 @@ from evaluation.suites.shapes import (
     answer_space,
     corpus,
     make_queries,
+    skewed_queries,
     spec_from_config,
 )
 from models.logprobs import collate, completion_ids, encode_prompt, sequence_logps
@@ -103,6 +104,10 @@ class TinySpec:
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
     sft_queries: int = 6000
+    # > 0: the SFT split over-represents one answer per question type by this share (e.g. 0.6:
+    # "red" is 60 % of colour answers instead of 25 %), so the base has a skewed answer prior;
+    # it is evaluated on the balanced test split (evaluation/suites/shapes.skewed_queries).
+    sft_favoured_share: float = 0.0
     check_queries: int = 300
     seed: int = 0
     suite: dict = field(default_factory=dict)  # ShapesSpec overrides
@@ -214,7 +219,10 @@ def build_model(spec: TinySpec, tokenizer):
 
 def sft(model, processor, spec: TinySpec) -> dict:
     """Plain next-token SFT on ground-truth answers: AdamW, linear warm-up, cosine decay."""
-    queries = make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
+    if spec.sft_favoured_share > 0:
+        queries = skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
+    else:
+        queries = make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
     prompts = [encode_prompt(processor, user_prompt(q["question"]), [q["image"]]) for q in queries]
     answers = [completion_ids(processor.tokenizer, q["answer"]) for q in queries]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)

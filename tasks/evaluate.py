@@ -51,6 +51,8 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
         # Without a known answer space (a user dataset with free-form answers) nothing is malformed.
         malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
         table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+        if cfg["eval"].get("sampled_temperature", 0) > 0:
+            table |= sampled_accuracy(cfg, policy, queries, judge, answers)
         method = build(cfg["method"])
         if hasattr(method, "evaluate"):  # method-specific metrics (judge_grpo: the judge's pairwise accuracy)
             table |= method.evaluate(policy, cfg)
@@ -72,6 +74,24 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
         manifest["counts"] = {"eval_items": len(queries)}
         manifest["metrics"] = table
     return str(out)
+
+
+def sampled_accuracy(cfg: dict, policy, queries: list[Query], judge: CorrectnessJudge, answers: set[str]) -> dict:
+    """``sampled/*``: accuracy and malformed rate of one answer per item sampled at
+    ``eval.sampled_temperature`` (TINY-DEFAULT.md: preference rounds can move sampled accuracy
+    where greedy accuracy stays put). The seed is fixed per run, not per round, so rounds differ
+    only by their policy."""
+    ecfg = cfg["eval"]
+    samples = policy.generate(
+        [user_prompt(q["question"]) for q in queries], [[q["image"]] for q in queries],
+        max_new_tokens=ecfg["max_new_tokens"], temperature=ecfg["sampled_temperature"], num_samples=1,
+        seed=cfg["seed"] * 1000 + 999, batch_size=ecfg["batch_size"], label="evaluate sampled",
+    )
+    texts = [s[0] for s in samples]
+    correct = [judge.score_one(t, q["answer"]) == 1.0 for t, q in zip(texts, queries)]
+    malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
+    table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+    return {f"sampled/{k}": v for k, v in table.items() if not k.startswith("n")}
 
 
 def rerank_eval(cfg: dict, queries: list[Query], policy_ckpt: str | None, reference_ckpt: str | None,

@@ -48,9 +48,11 @@ def start_experiment(c: MlflowClient, cfg: dict, key: str, run_dir: Path, sweep:
         if sweep:
             c.set_tag(run_id, "prefloop.sweep", sweep)
         return run_id
-    run = c.create_run(experiment_id, run_name=f"{cfg['method']['_target_'].split('.')[-1]}-{key}",
+    name = cfg.get("label") or cfg["method"]["_target_"].split(".")[-1]
+    run = c.create_run(experiment_id, run_name=f"{name}-seed{cfg['seed']}-{key}",
                        tags={"prefloop.key": key, "prefloop.kind": "parent", "prefloop.run_dir": str(run_dir),
-                             **({"prefloop.sweep": sweep} if sweep else {})})
+                             **({"prefloop.sweep": sweep} if sweep else {}),
+                             **({"prefloop.label": cfg["label"]} if cfg.get("label") else {})})
     params = flatten(cfg)
     items = list(params.items())
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch

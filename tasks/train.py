@@ -38,6 +38,17 @@ LOSS_STATE = "loss_state.json"
 log = logging.getLogger("prefloop")
 
 
+def round_steps(train_cfg: dict, round_index: int) -> int | None:
+    """The exact optimizer steps ``train.steps_per_round`` fixes for this round, or None."""
+    fixed = train_cfg.get("steps_per_round") or []
+    if not fixed:
+        return None
+    if round_index > len(fixed):
+        raise ValueError(f"train.steps_per_round has {len(fixed)} entries but round {round_index} is running; "
+                         "give one step count per round")
+    return int(fixed[round_index - 1])
+
+
 def resume_dir(out: Path) -> Path:
     """Mid-training saves (``train.save_every``) live beside the stage's temporary directory,
     which a restart deletes, so a killed training stage continues from its last save."""
@@ -53,12 +64,16 @@ def train(run_dir: str, round_index: int, cfg: dict, pairs_dir: str, policy_ckpt
     with stage_output(out, "train", {"pairs": pairs_dir, "policy": policy_ckpt}) as (tmp, manifest):
         parent = read_policy(policy_ckpt, cfg["model"])
         n_pairs = read_manifest(pairs_dir)["counts"]["pairs"]
-        if n_pairs == 0:
-            log.warning("round %d yielded zero preference pairs (see %s/manifest.json): no training; the "
-                        "round's policy is carried forward unchanged", round_index, pairs_dir)
+        steps = round_steps(cfg["train"], round_index)
+        if n_pairs == 0 or steps == 0:
+            if n_pairs == 0:
+                log.warning("round %d yielded zero preference pairs (see %s/manifest.json): no training; the "
+                            "round's policy is carried forward unchanged", round_index, pairs_dir)
             write_json(tmp / "policy.json", parent)
-            manifest["counts"] = {"pairs": 0, "steps": 0, "carried_forward": 1}
+            manifest["counts"] = {"pairs": n_pairs, "steps": 0, "carried_forward": 1}
         else:
+            if steps is not None:  # a fixed step count for this round (the matched continued-SFT control)
+                cfg = cfg | {"train": cfg["train"] | {"max_steps": steps}}
             forget_policy()  # free the inference copy before loading a trainable one
             method = build(cfg["method"])
             launcher = cfg["train"].get("launcher", "inprocess")

@@ -20,7 +20,9 @@ held-out evaluation set. The three use disjoint random streams.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from PIL import Image, ImageDraw
 
@@ -183,31 +185,66 @@ def _ask(qtype: str, objects: list[dict], rng: random.Random, spec: ShapesSpec):
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def make_queries(split: str, n: int, seed: int, spec: ShapesSpec | None = None) -> list[Query]:
-    """``n`` queries of the given split, question types cycling evenly. Deterministic."""
+def iter_queries(split: str, seed: int, spec: ShapesSpec | None = None) -> Iterator[Query]:
+    """The split's endless query stream, question types cycling evenly. Deterministic."""
     spec = spec or ShapesSpec()
     rng = random.Random(split_seed(split, seed))
-    queries: list[Query] = []
-    while len(queries) < n:
-        qtype = spec.qtypes[len(queries) % len(spec.qtypes)]
+    made = 0
+    while True:
+        qtype = spec.qtypes[made % len(spec.qtypes)]
         objects = _place_objects(rng, spec)
         asked = _ask(qtype, objects, rng, spec)
         if asked is None:
             continue  # resample the image; keeps the question-type mix exact
         question, answer, target_box = asked
-        queries.append(
-            Query(
-                id=f"shapes-{split}-{seed}-{len(queries)}",
-                image=render(objects, spec),
-                question=question,
-                answer=answer,
-                qtype=qtype,
-                boxes=[[float(v) for v in o["box"]] for o in objects],
-                target_box=[float(v) for v in target_box],
-                source="shapes",
-            )
+        yield Query(
+            id=f"shapes-{split}-{seed}-{made}",
+            image=render(objects, spec),
+            question=question,
+            answer=answer,
+            qtype=qtype,
+            boxes=[[float(v) for v in o["box"]] for o in objects],
+            target_box=[float(v) for v in target_box],
+            source="shapes",
         )
-    return queries
+        made += 1
+
+
+def make_queries(split: str, n: int, seed: int, spec: ShapesSpec | None = None) -> list[Query]:
+    """``n`` queries of the given split, question types cycling evenly. Deterministic."""
+    return list(islice(iter_queries(split, seed, spec), n))
+
+
+def favoured_answer(qtype: str, spec: ShapesSpec) -> str:
+    """The answer a skewed split over-represents for ``qtype`` (the first of its options)."""
+    return {"colour": spec.colors[0], "shape": spec.shapes[0], "count": COUNT_WORDS[spec.min_objects],
+            "exist": "yes", "position": "left"}[qtype]
+
+
+def skewed_queries(split: str, n: int, seed: int, spec: ShapesSpec, favoured_share: float) -> list[Query]:
+    """``n`` queries of ``split`` in which, for every question type, ``favoured_answer`` makes up
+    ``favoured_share`` of the answers and the other answers share the rest in their natural
+    proportions. Used to give the embedded base model a skewed answer prior (SFT on unbalanced
+    answers, evaluated on the balanced test split), a bias that preference rounds can remove.
+
+    Filters the split's stream with a quota per (type, favoured or not), so the result is
+    deterministic and still a prefix-stable subset of the same split."""
+    if not 0.0 <= favoured_share <= 1.0:
+        raise ValueError(f"favoured_share must be in [0, 1], got {favoured_share}")
+    per_type = -(-n // len(spec.qtypes))
+    quota = {}
+    for qtype in spec.qtypes:
+        favoured = round(favoured_share * per_type)
+        quota[(qtype, True)], quota[(qtype, False)] = favoured, per_type - favoured
+    queries: list[Query] = []
+    for q in iter_queries(split, seed, spec):
+        key = (q["qtype"], q["answer"] == favoured_answer(q["qtype"], spec))
+        if quota[key] > 0:
+            quota[key] -= 1
+            queries.append(q)
+            if len(queries) == n:
+                return queries
+    raise AssertionError("unreachable: the stream is endless")
 
 
 def corpus(spec: ShapesSpec | None = None) -> list[str]:

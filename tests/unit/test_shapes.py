@@ -63,3 +63,23 @@ def test_bad_spec_fails_clearly():
         spec_from_config({"colours": ["red"]})
     with pytest.raises(ValueError, match="unknown colours"):
         ShapesSpec(colors=("red", "teal"))
+
+
+def test_skewed_queries_over_represent_the_favoured_answer_per_type():
+    from evaluation.suites.shapes import favoured_answer, skewed_queries
+
+    spec = ShapesSpec()
+    queries = skewed_queries("sft", 500, seed=0, spec=spec, favoured_share=0.6)
+    assert len(queries) == 500 and len({q["id"] for q in queries}) == 500
+    for qtype in QUESTION_TYPES:
+        of_type = [q for q in queries if q["qtype"] == qtype]
+        assert len(of_type) == 100
+        assert sum(q["answer"] == favoured_answer(qtype, spec) for q in of_type) == 60, qtype
+    # deterministic, and drawn from the split's own stream (ids are stream positions)
+    again = skewed_queries("sft", 500, seed=0, spec=spec, favoured_share=0.6)
+    assert [q["id"] for q in again] == [q["id"] for q in queries]
+    natural = make_queries("sft", 2000, seed=0, spec=spec)
+    by_id = {q["id"]: q["question"] for q in natural}
+    assert all(by_id.get(q["id"], q["question"]) == q["question"] for q in queries)
+    with pytest.raises(ValueError, match="favoured_share"):
+        skewed_queries("sft", 10, seed=0, spec=spec, favoured_share=1.5)
