@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from flows.schema import ConfigError, register, validate
 
@@ -93,3 +94,26 @@ def test_force_added_keys_are_caught_by_validate(override, where):
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_validates(group, option, local_dataset):
     validate(compose("config", overrides=_option_overrides(group, option, local_dataset)))
+
+
+@pytest.mark.parametrize("experiment", ["methods", "seva_ablation", "uvcot_ablation", "mpo_ablation",
+                                        "reasoner_ablation"])
+def test_every_experiment_variant_and_its_control_compose(experiment):
+    """Each packaged experiment's variants (and the matched control's overrides) compose and
+    pass the schemas, so `python -m flows.iterate experiment=<name>` cannot fail half-way on a typo."""
+    from flows.ablate import compose_run, control_overrides
+
+    cfg = compose("config", overrides=[f"experiment={experiment}"])
+    ablation = OmegaConf.to_container(cfg.ablation)
+    assert cfg.experiment_name == experiment and len(ablation["variants"]) >= 3 - (experiment == "methods")
+    assert set(ablation["control_for"] or []) <= set(ablation["variants"])
+    for label, overrides in ablation["variants"].items():
+        variant = compose_run([f"experiment={experiment}", *overrides, "label=x"])
+        if label in (ablation["control_for"] or ablation["variants"]):
+            control = compose_run([f"experiment={experiment}",
+                                   *control_overrides(overrides, variant, [1] * variant["rounds"])])
+            assert control["method"]["_target_"].endswith("ContinuedSFT")
+            assert control["loss"]["_target_"].endswith("SFTLoss")
+            assert control["train"]["steps_per_round"] == [1] * variant["rounds"]
+            assert {k: v for k, v in control["train"].items() if k != "steps_per_round"} == \
+                {k: v for k, v in variant["train"].items() if k != "steps_per_round"}
