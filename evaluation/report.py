@@ -38,7 +38,9 @@ def accuracy_chart(rows: list[dict], path: Path, title: str) -> Path:
 def _finish_chart(fig, ax, ylabel: str, title: str, path: Path) -> Path:
     """Label a per-round chart, save it as PNG and free the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -202,7 +204,7 @@ def variants_table(rows: list[dict]) -> str:
                  *[_cell(row.get(("accuracy", i))) for i in range(rounds)],
                  _cell(gain), verdict(*gain), _cell(vs) if vs else "", verdict(*vs) if vs else "",
                  sampled, malformed, _cell(row.get(("pair/pairs", last)), 0), _cell(row.get(("train/steps", last)), 0),
-                 _cell(row.get(("train/rewards/margin", last)), 2)]
+                 _cell(row.get(("train/rewards/margin", last)), 3)]
         cells += [_cell(row.get((m, last))) for m in optional]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -246,8 +248,10 @@ def write_report(experiment: str, runs: list[dict], out_dir: Path, notes: str = 
     page = [f"# {experiment}", "",
             (f"{len(runs)} runs, seeds {seeds}. Mean ± standard error over seeds. 'final − base' and "
             "'final − control' are paired by seed (same base model, pool and test set); 'vs' says whether the "
-            "difference is beyond 2 standard errors. The control ('control') is continued SFT on the ground-truth "
-            "answers of the same round queries for the same optimizer steps (SeVa Table 3)."), "",
+            "difference is beyond 2 standard errors. A control ('control (<variant>)') is continued SFT on the "
+            "ground-truth answers of the same round queries for the same optimizer steps as its variant, round by "
+            "round (SeVa Table 3). 'pairs', 'steps' and 'reward margin' (final quarter of the steps) are the final "
+            "round's."), "",
             table, ""]
     if notes:
         page += [notes, ""]
