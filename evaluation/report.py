@@ -117,13 +117,18 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, (var / n) ** 0.5
 
 
+def control_label(variant: str) -> str:
+    """The label of a variant's matched continued-SFT control."""
+    return f"{CONTROL} ({variant})"
+
+
 def control_of(label: str, labels: set[str]) -> str | None:
     """The continued-SFT control a variant is compared with: its own matched control
     ('control (<label>)'), else the experiment's only control; None for controls themselves."""
     if label.startswith(CONTROL):
         return None
-    if f"{CONTROL} ({label})" in labels:
-        return f"{CONTROL} ({label})"
+    if control_label(label) in labels:
+        return control_label(label)
     controls = [lab for lab in labels if lab.startswith(CONTROL)]
     return controls[0] if len(controls) == 1 else None
 

@@ -23,13 +23,19 @@ from hydra import compose
 from omegaconf import OmegaConf
 from prefect import flow
 
-from evaluation.report import INDEX, read_run, summarise_variants, variants_table, write_report
+from evaluation.report import (
+    INDEX,
+    control_label,
+    read_run,
+    summarise_variants,
+    variants_table,
+    write_report,
+)
 from flows.schema import validate
 from models.progress import log
 from tasks import tracking
 from tasks.artifacts import read_manifest
 
-CONTROL = "control"
 # Overrides that choose what the control replaces: the method, its loss and their settings.
 METHOD_KEYS = ("method", "loss", "+method", "+loss", "~loss", "~method")
 
@@ -38,10 +44,6 @@ def compose_run(overrides: list[str]) -> dict:
     cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def control_label(variant: str) -> str:
-    return f"{CONTROL} ({variant})"
 
 
 def control_overrides(variant: list[str], variant_cfg: dict, steps: list[int]) -> list[str]:
