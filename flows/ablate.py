@@ -55,7 +55,7 @@ def control_overrides(variant: list[str], variant_cfg: dict, steps: list[int]) -
     return [*kept, "method=sft_control", "loss=sft", *train, f"train.steps_per_round=[{','.join(map(str, steps))}]"]
 
 
-def round_steps(run_dir: Path, rounds: int) -> list[int]:
+def steps_taken(run_dir: Path, rounds: int) -> list[int]:
     """Optimizer steps of each round of a finished run (0 for a carried-forward round)."""
     return [read_manifest(run_dir / f"round_{i}" / "checkpoint")["counts"]["steps"] for i in range(1, rounds + 1)]
 
@@ -90,7 +90,7 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
         for label in targets:
             for seed in seeds:
                 cfg, run_dir = finished[(label, seed)]
-                steps = round_steps(run_dir, cfg["rounds"])
+                steps = steps_taken(run_dir, cfg["rounds"])
                 run(control_label(label), seed, control_overrides(variants[label], cfg, steps))
 
     root = Path(cfg["runs_dir"]) / experiment

@@ -47,10 +47,7 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
                              "held-out accuracy needs ground truth: map eval.source.columns.answer")
         answers = build(cfg["eval"]["source"]).answer_space()
         texts = [r[0] for r in responses]
-        correct = [judge.score_one(t, q["answer"]) == 1.0 for t, q in zip(texts, queries)]
-        # Without a known answer space (a user dataset with free-form answers) nothing is malformed.
-        malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
-        table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+        table, correct = score_responses(texts, queries, judge, answers)
         if cfg["eval"].get("sampled_temperature", 0) > 0:
             table |= sampled_accuracy(cfg, policy, queries, judge, answers)
         method = build(cfg["method"])
@@ -76,6 +73,16 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
     return str(out)
 
 
+def score_responses(texts: list[str], queries: list[Query], judge: CorrectnessJudge,
+                    answers: set[str]) -> tuple[dict, list[bool]]:
+    """(accuracy table, per-item correctness) of one response per query; a response outside the
+    answer space is malformed. Without a known answer space (a user dataset with free-form
+    answers) nothing is malformed."""
+    correct = [judge.score_one(t, q["answer"]) == 1.0 for t, q in zip(texts, queries)]
+    malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
+    return accuracy_table([q["qtype"] for q in queries], correct, malformed), correct
+
+
 def sampled_accuracy(cfg: dict, policy, queries: list[Query], judge: CorrectnessJudge, answers: set[str]) -> dict:
     """``sampled/*``: accuracy and malformed rate of one answer per item sampled at
     ``eval.sampled_temperature`` (TINY-DEFAULT.md: preference rounds can move sampled accuracy
@@ -87,10 +94,7 @@ def sampled_accuracy(cfg: dict, policy, queries: list[Query], judge: Correctness
         max_new_tokens=ecfg["max_new_tokens"], temperature=ecfg["sampled_temperature"], num_samples=1,
         seed=cfg["seed"] * 1000 + 999, batch_size=ecfg["batch_size"], label="evaluate sampled",
     )
-    texts = [s[0] for s in samples]
-    correct = [judge.score_one(t, q["answer"]) == 1.0 for t, q in zip(texts, queries)]
-    malformed = [normalise(t) not in answers for t in texts] if answers else [False] * len(texts)
-    table = accuracy_table([q["qtype"] for q in queries], correct, malformed)
+    table, _ = score_responses([s[0] for s in samples], queries, judge, answers)
     return {f"sampled/{k}": v for k, v in table.items() if not k.startswith("n")}
 
 
