@@ -215,6 +215,13 @@ def make_queries(split: str, n: int, seed: int, spec: ShapesSpec | None = None) 
     return list(islice(iter_queries(split, seed, spec), n))
 
 
+def answer_options(qtype: str, spec: ShapesSpec) -> list[str]:
+    """Every answer ``qtype`` can have under ``spec``."""
+    return {"colour": list(spec.colors), "shape": list(spec.shapes),
+            "count": COUNT_WORDS[spec.min_objects : spec.max_objects + 1],
+            "exist": ["yes", "no"], "position": ["left", "right"]}[qtype]
+
+
 def favoured_answer(qtype: str, spec: ShapesSpec) -> str:
     """The answer a skewed split over-represents for ``qtype`` (the first of its options)."""
     return {"colour": spec.colors[0], "shape": spec.shapes[0], "count": COUNT_WORDS[spec.min_objects],
@@ -234,7 +241,9 @@ def skewed_queries(split: str, n: int, seed: int, spec: ShapesSpec, favoured_sha
     per_type = -(-n // len(spec.qtypes))
     quota = {}
     for qtype in spec.qtypes:
-        favoured = round(favoured_share * per_type)
+        # A type with a single possible answer (count when every image holds one object) has
+        # no other answers to fill the rest of its quota with.
+        favoured = per_type if len(answer_options(qtype, spec)) == 1 else round(favoured_share * per_type)
         quota[(qtype, True)], quota[(qtype, False)] = favoured, per_type - favoured
     queries: list[Query] = []
     for q in iter_queries(split, seed, spec):

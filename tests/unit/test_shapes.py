@@ -83,3 +83,13 @@ def test_skewed_queries_over_represent_the_favoured_answer_per_type():
     assert all(by_id.get(q["id"], q["question"]) == q["question"] for q in queries)
     with pytest.raises(ValueError, match="favoured_share"):
         skewed_queries("sft", 10, seed=0, spec=spec, favoured_share=1.5)
+
+
+def test_skewed_queries_give_a_single_answer_type_all_its_quota():
+    """With one object per image, count can only be "one": the quota must not wait for others."""
+    from evaluation.suites.shapes import skewed_queries
+
+    spec = ShapesSpec(max_objects=1)
+    queries = skewed_queries("sft", 100, seed=0, spec=spec, favoured_share=0.6)
+    counts = [q["answer"] for q in queries if q["qtype"] == "count"]
+    assert len(queries) == 100 and counts == ["one"] * 20
