@@ -122,6 +122,9 @@ class TrainSchema:
     # Exact optimizer steps of round i (entry i-1), overriding epochs/max_steps; 0 = no training
     # that round. flows/ablate.py sets it on the continued-SFT control to match a method's steps.
     steps_per_round: list[int] = field(default_factory=list)
+    # Keep as many A-over-B pairs as B-over-A pairs for every answer pair (methods/balance.py):
+    # a round then cannot shift the answer prior, only which answer each image supports.
+    balance_pairs: bool = False
 
 
 @dataclass

@@ -21,6 +21,9 @@ from models.sampling import Policy
 @dataclass
 class ContinuedSFT:
     max_new_tokens: int = 8
+    # The SFT loss reads only the chosen (ground-truth) side, so train.balance_pairs, which the
+    # control inherits from the method it controls for, must not throw its labels away.
+    trains_on_ground_truth = True
 
     def generate(self, policy: Policy, queries: list[Query], seed: int) -> list[Candidate]:
         prompts = [user_prompt(q["question"]) for q in queries]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import task
 
+from methods.balance import symmetric_pairs
 from models.trainer import encode_pairs, reference_pass
 from tasks.artifacts import is_done, read_jsonl, stage_output, write_jsonl
 from tasks.common import STAGE_OPTIONS, build, frozen_policy, inject_fault, round_dir, round_queries
@@ -33,6 +34,8 @@ def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt
         scored = read_jsonl(Path(scores_dir) / "scores.jsonl")
         method = build(cfg["method"])
         pairs, method_counts = method.pair(scored, queries, seed=cfg["seed"] * 1000 + round_index)
+        if cfg["train"].get("balance_pairs") and not getattr(method, "trains_on_ground_truth", False):
+            pairs, method_counts["dropped_unbalanced"] = symmetric_pairs(pairs, seed=cfg["seed"] * 1000 + round_index)
         dropped_long = 0
         if pairs and hasattr(method, "reference_pass"):
             # Hook: a method whose training rows are not chosen/rejected pairs (judge_grpo: GRPO
