@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast builds: the architecture of the embedded default, far fewer SFT steps.
 TEST_TINY = {"sft_steps": 60, "sft_queries": 600, "check_queries": 50}
+CONF_DATA_SHAPES = Path(__file__).resolve().parents[1] / "conf" / "data" / "shapes.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +23,11 @@ def tiny_cache(tmp_path_factory) -> Path:
 def tiny_model_dir(tiny_cache) -> Path:
     from models.tiny import TinySpec, ensure_tiny
 
-    return ensure_tiny(TinySpec(**TEST_TINY), tiny_cache)
+    # The same spec the flow builds from tiny_overrides: the model's suite is the data suite.
+    from omegaconf import OmegaConf
+
+    suite = OmegaConf.to_container(OmegaConf.load(CONF_DATA_SHAPES).source.suite)
+    return ensure_tiny(TinySpec(**TEST_TINY, suite=suite), tiny_cache)
 
 
 @pytest.fixture(scope="session")
