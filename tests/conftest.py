@@ -39,6 +39,18 @@ def tiny_policy(tiny_model_dir):
     return load_policy(cfg, None, trainable=False)
 
 
+@pytest.fixture(scope="session")
+def judge_tiny_policy(tiny_cache):
+    """(model, processor) of the tiny model built for data=judge_pairs' suite (conf/data/judge_pairs.yaml:
+    the suite's defaults), the base a judge_grpo run starts from."""
+    from models.load import load_policy
+    from models.tiny import TinySpec, ensure_tiny
+
+    path = ensure_tiny(TinySpec(**TEST_TINY), tiny_cache)
+    return load_policy({"name_or_path": str(path), "dtype": "float32", "device": "cpu", "lora": {"enabled": False}},
+                       None, trainable=False)
+
+
 def tiny_overrides(tmp_path: Path, tiny_cache: Path) -> list[str]:
     """Hydra overrides for a fast end-to-end run writing only under tmp_path."""
     return [

@@ -276,8 +276,8 @@ def test_rating_tokens_of_the_tiny_tokenizer(tiny_policy):
         split_last_token(processor.tokenizer, ["Score: 1", "Score: 12"])
 
 
-def test_rated_rollouts_round_trip_generate_score_pair_reference_train(tiny_policy):
-    model, processor = tiny_policy
+def test_rated_rollouts_round_trip_generate_score_pair_reference_train(judge_tiny_policy):
+    model, processor = judge_tiny_policy
     policy = Policy(model, processor, batch_size=8)
     method = JudgeGRPO(group_size=6, eval_prompts=4)
     queries = JudgePairsSource().queries("train", 0, 6, seed=0)
