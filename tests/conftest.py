@@ -11,7 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast builds: the architecture of the embedded default, far fewer SFT steps.
 TEST_TINY = {"sft_steps": 60, "sft_queries": 600, "check_queries": 50}
-CONF_DATA_SHAPES = Path(__file__).resolve().parents[1] / "conf" / "data" / "shapes.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -26,29 +25,35 @@ def tiny_model_dir(tiny_cache) -> Path:
     # The same spec the flow builds from tiny_overrides: the model's suite is the data suite.
     from omegaconf import OmegaConf
 
-    suite = OmegaConf.to_container(OmegaConf.load(CONF_DATA_SHAPES).source.suite)
+    suite = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "shapes.yaml").source.suite)
     return ensure_tiny(TinySpec(**TEST_TINY, suite=suite), tiny_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_model_dir):
-    """(model, processor) of the session's tiny model, frozen, on CPU."""
+    return frozen_tiny(tiny_model_dir)
+
+
+def frozen_tiny(model_dir: Path):
+    """(model, processor) of a built tiny model, frozen, on CPU."""
     from models.load import load_policy
 
-    cfg = {"name_or_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "lora": {"enabled": False}}
+    cfg = {"name_or_path": str(model_dir), "dtype": "float32", "device": "cpu", "lora": {"enabled": False}}
     return load_policy(cfg, None, trainable=False)
 
 
 @pytest.fixture(scope="session")
-def judge_tiny_policy(tiny_cache):
-    """(model, processor) of the tiny model built for data=judge_pairs' suite (conf/data/judge_pairs.yaml:
-    the suite's defaults), the base a judge_grpo run starts from."""
-    from models.load import load_policy
+def judge_tiny_model_dir(tiny_cache) -> Path:
+    """The tiny model built for data=judge_pairs' suite (conf/data/judge_pairs.yaml: the suite's
+    defaults), the base a judge_grpo run starts from."""
     from models.tiny import TinySpec, ensure_tiny
 
-    path = ensure_tiny(TinySpec(**TEST_TINY), tiny_cache)
-    return load_policy({"name_or_path": str(path), "dtype": "float32", "device": "cpu", "lora": {"enabled": False}},
-                       None, trainable=False)
+    return ensure_tiny(TinySpec(**TEST_TINY), tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def judge_tiny_policy(judge_tiny_model_dir):
+    return frozen_tiny(judge_tiny_model_dir)
 
 
 def tiny_overrides(tmp_path: Path, tiny_cache: Path) -> list[str]:

@@ -224,8 +224,7 @@ def answer_options(qtype: str, spec: ShapesSpec) -> list[str]:
 
 def favoured_answer(qtype: str, spec: ShapesSpec) -> str:
     """The answer a skewed split over-represents for ``qtype`` (the first of its options)."""
-    return {"colour": spec.colors[0], "shape": spec.shapes[0], "count": COUNT_WORDS[spec.min_objects],
-            "exist": "yes", "position": "left"}[qtype]
+    return answer_options(qtype, spec)[0]
 
 
 def skewed_queries(split: str, n: int, seed: int, spec: ShapesSpec, favoured_share: float) -> list[Query]:

@@ -8,7 +8,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import TEST_TINY, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.integration.test_iterate import compose_cfg
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 METRICS = ("pairwise_accuracy/soft", "pairwise_accuracy/mean_at_1", "pairwise_accuracy/mean_at_3")
 
 
-def test_two_rounds_of_judge_grpo(prefect_harness, tmp_path, tiny_cache, tiny_model_dir):
+def test_two_rounds_of_judge_grpo(prefect_harness, tmp_path, tiny_cache, judge_tiny_model_dir):
     import datasets
 
     from flows.iterate import iterate, run_key
@@ -31,10 +31,7 @@ def test_two_rounds_of_judge_grpo(prefect_harness, tmp_path, tiny_cache, tiny_mo
 
     run_dir = tmp_path / "runs" / "prefloop" / run_key(cfg)
     # data=judge_pairs has its own suite (conf/data/judge_pairs.yaml), so its base is built for it
-    from models.tiny import TinySpec, ensure_tiny
-
-    judge_base = ensure_tiny(TinySpec(**TEST_TINY, suite=dict(cfg["data"]["source"]["suite"])), tiny_cache)
-    base = load_file(str(judge_base / "model.safetensors"))
+    base = load_file(str(judge_tiny_model_dir / "model.safetensors"))
     for i in (1, 2):
         trained = load_file(str(run_dir / f"round_{i}" / "checkpoint" / "model.safetensors"))
         assert [k for k in base if not (base[k] == trained[k]).all()], f"round {i} left every parameter unchanged"
