@@ -6,10 +6,11 @@ An experiment config (conf/experiment/*.yaml) fills ``ablation``: ``variants`` m
 to Hydra overrides, ``seeds`` lists the seeds, ``control`` adds continued SFT on the ground
 truth of the same queries (methods/sft_control.py). Every (variant, seed) is an ordinary
 ``iterate`` run (its own run directory, resumable, its own MLflow parent run tagged with its
-label) in the experiment ``experiment_name``. A control runs after its variant with the
-variant's train settings and, round by round, exactly its optimizer steps
-(``train.steps_per_round``); ``control_for`` limits which variants get one (an ablation
-usually needs one, for its main variant). At the end the report (evaluation/report.py) is
+label) in the experiment ``experiment_name``; a run that another experiment already finished
+with the same run key (same settings and seed) is reused from there instead of recomputed.
+A control runs after its variant with the variant's train settings and, round by round,
+exactly its optimizer steps (``train.steps_per_round``); ``control_for`` limits which
+variants get one (an ablation usually needs one, for its main variant). At the end the report (evaluation/report.py) is
 printed, written to ``<runs_dir>/<experiment>/report/`` and logged to MLflow.
 """
 
@@ -55,6 +56,24 @@ def control_overrides(variant: list[str], variant_cfg: dict, steps: list[int]) -
     return [*kept, "method=sft_control", "loss=sft", *train, f"train.steps_per_round=[{','.join(map(str, steps))}]"]
 
 
+def finished_elsewhere(cfg: dict, key: str) -> Path | None:
+    """A finished run with this run key and round count in another experiment's folder, or None.
+
+    The key hashes every setting that changes results, and runs are deterministic per seed, so
+    such a run is the run this experiment would compute (e.g. ``seva_ablation``'s default
+    variant is ``methods``' seva run); reusing it saves its whole cost."""
+    import yaml
+
+    for candidate in sorted(Path(cfg["runs_dir"]).glob(f"*/{key}")):
+        if candidate.parent.name == cfg["experiment_name"] or not (candidate / "config.yaml").exists():
+            continue
+        planned = yaml.safe_load((candidate / "config.yaml").read_text())["rounds"]
+        final = candidate / f"round_{cfg['rounds']}" / "eval" / "manifest.json"
+        if planned == cfg["rounds"] and final.exists():
+            return candidate
+    return None
+
+
 def steps_taken(run_dir: Path, rounds: int) -> list[int]:
     """Optimizer steps of each round of a finished run (0 for a carried-forward round)."""
     return [read_manifest(run_dir / f"round_{i}" / "checkpoint")["counts"]["steps"] for i in range(1, rounds + 1)]
@@ -80,8 +99,14 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
         eta = f"ETA {elapsed / done * (total - done):.0f}s" if done else "ETA unknown"
         log.info("%s: run %d/%d (%s, seed %d); %.0fs so far, %s", experiment, done + 1, total, label, seed,
                  elapsed, eta)
-        iterate.with_options(name=f"iterate-{label}-seed{seed}")(cfg)
         run_dir = Path(cfg["runs_dir"]) / cfg["experiment_name"] / run_key(cfg)
+        reused = None if (run_dir / "config.yaml").exists() else finished_elsewhere(cfg, run_key(cfg))
+        if reused:
+            log.info("%s: %s seed %d is the finished run %s (same config): reused, not re-run", experiment, label,
+                     seed, reused)
+            run_dir = reused
+        else:
+            iterate.with_options(name=f"iterate-{label}-seed{seed}")(cfg)
         entries.append({"label": label, "seed": seed, "run_dir": str(run_dir), "overrides": overrides})
         return cfg, run_dir
 
