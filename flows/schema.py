@@ -92,6 +92,9 @@ class EvalSchema:
     max_new_tokens: int = 8
     # Re-rank N sampled answers by the DPO implicit reward (evaluation/rerank.py); 0 = off.
     rerank_samples: int = 0
+    # true: re-rank only in the final round (the report's best-of-N / vote columns read that
+    # round); saves N samples per item in every earlier evaluation
+    rerank_final_only: bool = False
     rerank_temperature: float = 1.0
     rerank_beta: float = 0.1
     # Box-CoT evaluation (methods with eval_box_cot, i.e. uvcot) runs on the first N items.

@@ -7,6 +7,16 @@ Pairs whose two answers are equal (after normalisation) carry no preference and 
 Training uses the ORIGINAL image for both responses (the pair's ``images``).
 The judge's scores are recorded for diagnostics; SeVa's pairing does not use them.
 
+``anchor_equal`` (off in the paper; on in the embedded default, conf/method/seva.yaml) keeps a
+query whose answers are all equal as an *anchor*: a pair whose chosen and rejected are both
+the clean answer. Its DPO term is exactly zero (equal log-ratios), so with a loss that has an
+NLL term (``loss=dpo_nll``) it only adds the NLL of the clean answer. Why: pairs exist only
+where the clean answer differs from the noised one, and on one-word answers the noised answer
+is mostly the policy's blind guess for the question type ("two", "no", "left"), so DPO on
+those pairs alone lowers that answer for every image (measured: count answers "one" 79 -> 160
+of 200 in three rounds, accuracy 0.624 -> 0.567). The anchors hold the answers the policy
+already gives where noise does not change them.
+
 With several ``augmentations`` (e.g. [diffusion, crop, moco]) each gives one rejected
 candidate; the first answer that differs from the chosen one is ``rejected`` and the other
 differing answers go to ``rejected_extra``, for SeVa's multi-negative DPO (appendix, eq. 18).
@@ -29,6 +39,7 @@ class SeVa:
     noise_step: int = 800
     strength: float = 0.5  # crop / moco strength in [0, 1]
     max_new_tokens: int = 8
+    anchor_equal: bool = False  # keep equal-answer queries as NLL-only anchors (docstring)
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.augmentations if a not in AUGMENTATIONS]
@@ -65,7 +76,7 @@ class SeVa:
         by_query: dict[str, dict[str, Scored]] = {}
         for s in scored:
             by_query.setdefault(s["query_id"], {})[s["extras"]["augmentation"]] = s
-        pairs, equal = [], 0
+        pairs, equal, anchors = [], 0, 0
         for qid, cands in by_query.items():
             chosen = cands.pop("none")
             negatives, seen = [], {normalise(chosen["response"])}
@@ -73,6 +84,15 @@ class SeVa:
                 if normalise(cand["response"]) not in seen:
                     seen.add(normalise(cand["response"]))
                     negatives.append(cand)
+            if not negatives and self.anchor_equal and chosen["response"].strip():
+                anchors += 1
+                pairs.append(Pair(
+                    pair_id=f"{qid}/seva-anchor", query_id=qid, prompt=chosen["prompt"],
+                    images=[queries[qid]["image"]], chosen=assistant_message(chosen["response"]),
+                    rejected=assistant_message(chosen["response"]), score_chosen=chosen["score"],
+                    score_rejected=chosen["score"], rejected_extra=[], method="seva-anchor",
+                ))
+                continue
             if not negatives:
                 equal += 1
                 continue
@@ -83,4 +103,4 @@ class SeVa:
                 score_chosen=chosen["score"], score_rejected=rejected["score"],
                 rejected_extra=[n["response"] for n in negatives[1:]], method="seva",
             ))
-        return pairs, {"dropped_equal": equal}
+        return pairs, {"dropped_equal": equal, "anchors": anchors}

@@ -31,6 +31,8 @@ def evaluate(run_dir: str, round_index: int, cfg: dict, policy_ckpt: str | None,
     if is_done(out):
         return str(out)
     rerank = cfg["eval"].get("rerank_samples", 0) > 0 and round_index > 0
+    if cfg["eval"].get("rerank_final_only"):
+        rerank = rerank and round_index == cfg["rounds"]
     inputs = {"policy": policy_ckpt} | ({"reference": reference_ckpt} if rerank else {})
     with stage_output(out, "evaluate", inputs) as (tmp, manifest):
         queries = eval_queries(cfg)

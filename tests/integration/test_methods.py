@@ -53,10 +53,19 @@ def check_yesno_rerank(run_dir: Path, summary: list[dict]) -> None:
         assert table["rerank/best_of_n"] <= table["rerank/any_correct"]
 
 
+def check_rerank_final_only(run_dir: Path, summary: list[dict]) -> None:
+    first = json.loads((run_dir / "round_1" / "eval" / "eval.json").read_text())
+    final = json.loads((run_dir / "round_2" / "eval" / "eval.json").read_text())
+    assert not any(k.startswith("rerank/") for k in first)
+    assert final["rerank/n_samples"] == 4
+
+
 CASES = {
     "mpo": (["method=mpo", "loss=mpo", "method.num_samples=4", "method.answerless_fraction=0.5"], check_mpo),
     "reasoner-yesno-rerank": (["method=reasoner", "judge=yesno", "method.num_samples=4",
                                "method.accuracy_band=[0.0,1.0]", "eval.rerank_samples=4"], check_yesno_rerank),
+    "reasoner-rerank-final-only": (["method=reasoner", "method.num_samples=4", "method.accuracy_band=[0.0,1.0]",
+                                    "eval.rerank_samples=4", "eval.rerank_final_only=true"], check_rerank_final_only),
 }
 
 

@@ -28,12 +28,44 @@ def test_seva_pairs_clean_over_noised_and_drops_equal_answers():
         _scored("c", "c/d", "red", 1.0, {"augmentation": "diffusion"}),  # SeVa ignores correctness
     ]
     pairs, counts = SeVa().pair(scored, queries, seed=0)
-    assert counts == {"dropped_equal": 1}
+    assert counts == {"dropped_equal": 1, "anchors": 0}
     assert [(p["query_id"], message_text(p["chosen"]), message_text(p["rejected"])) for p in pairs] == [
         ("a", "red", "blue"), ("c", "green", "red")]
     # training uses the ORIGINAL image for both responses
     assert pairs[0]["images"][0] is queries["a"]["image"]
     assert pairs[1]["score_chosen"] == 0.0 and pairs[1]["score_rejected"] == 1.0
+
+
+def test_seva_anchor_keeps_equal_answers_as_chosen_equals_rejected_pairs():
+    queries = {q["id"]: q for q in (_query("a"), _query("b"))}
+    scored = [
+        _scored("a", "a/none", "red", 1.0, {"augmentation": "none"}),
+        _scored("a", "a/d", "blue", 0.0, {"augmentation": "diffusion"}),
+        _scored("b", "b/none", "Red.", 1.0, {"augmentation": "none"}),
+        _scored("b", "b/d", "red", 1.0, {"augmentation": "diffusion"}),
+    ]
+    pairs, counts = SeVa(anchor_equal=True).pair(scored, queries, seed=0)
+    assert counts == {"dropped_equal": 0, "anchors": 1}
+    anchor = next(p for p in pairs if p["query_id"] == "b")
+    assert message_text(anchor["chosen"]) == message_text(anchor["rejected"]) == "Red."
+    assert anchor["method"] == "seva-anchor"
+
+
+def test_an_anchor_pair_has_zero_dpo_gradient_and_the_nll_of_its_answer():
+    import torch
+
+    from models.losses import DPOLoss, PairLogps
+
+    # chosen and rejected computed separately from the same weights, as the trainer's two forks are
+    weight = torch.tensor([0.7], requires_grad=True)
+    x = torch.tensor([-1.9])
+    ref = torch.tensor([-1.1])
+    tokens = torch.tensor([2])
+    policy = PairLogps(chosen=weight * x, rejected=weight * x, chosen_tokens=tokens, rejected_tokens=tokens)
+    reference = PairLogps(chosen=ref, rejected=ref, chosen_tokens=tokens, rejected_tokens=tokens)
+    loss, _ = DPOLoss()(policy, reference)
+    loss.sum().backward()
+    assert weight.grad.item() == 0.0
 
 
 def _samples(qid, results):
