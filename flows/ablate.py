@@ -10,8 +10,9 @@ label) in the experiment ``experiment_name``; a run that another experiment alre
 with the same run key (same settings and seed) is reused from there instead of recomputed.
 A control runs after its variant with the variant's train settings and, round by round,
 exactly its optimizer steps (``train.steps_per_round``); ``control_for`` limits which
-variants get one (an ablation usually needs one, for its main variant). At the end the report (evaluation/report.py) is
-printed, written to ``<runs_dir>/<experiment>/report/`` and logged to MLflow.
+variants get one (an ablation usually needs one, for its main variant). At the end the report
+(evaluation/report.py) is printed, written to ``<runs_dir>/<experiment>/report/`` and logged
+to MLflow.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
         eta = f"ETA {elapsed / done * (total - done):.0f}s" if done else "ETA unknown"
         log.info("%s: run %d/%d (%s, seed %d); %.0fs so far, %s", experiment, done + 1, total, label, seed,
                  elapsed, eta)
-        run_dir = Path(cfg["runs_dir"]) / cfg["experiment_name"] / run_key(cfg)
-        reused = None if (run_dir / "config.yaml").exists() else finished_elsewhere(cfg, run_key(cfg))
+        key = run_key(cfg)
+        run_dir = Path(cfg["runs_dir"]) / cfg["experiment_name"] / key
+        reused = None if (run_dir / "config.yaml").exists() else finished_elsewhere(cfg, key)
         if reused:
             log.info("%s: %s seed %d is the finished run %s (same config): reused, not re-run", experiment, label,
                      seed, reused)

@@ -7,7 +7,7 @@ Pairs whose two answers are equal (after normalisation) carry no preference and 
 Training uses the ORIGINAL image for both responses (the pair's ``images``).
 The judge's scores are recorded for diagnostics; SeVa's pairing does not use them.
 
-``anchor_equal`` (off in the paper; on in the embedded default, conf/method/seva.yaml) keeps a
+``anchor_equal`` (off by default, as in the paper; conf/method/seva.yaml) keeps a
 query whose answers are all equal as an *anchor*: a pair whose chosen and rejected are both
 the clean answer. Its DPO term is exactly zero (equal log-ratios), so with a loss that has an
 NLL term (``loss=dpo_nll``) it only adds the NLL of the clean answer. Why: pairs exist only
@@ -84,17 +84,17 @@ class SeVa:
                 if normalise(cand["response"]) not in seen:
                     seen.add(normalise(cand["response"]))
                     negatives.append(cand)
-            if not negatives and self.anchor_equal and chosen["response"].strip():
-                anchors += 1
-                pairs.append(Pair(
-                    pair_id=f"{qid}/seva-anchor", query_id=qid, prompt=chosen["prompt"],
-                    images=[queries[qid]["image"]], chosen=assistant_message(chosen["response"]),
-                    rejected=assistant_message(chosen["response"]), score_chosen=chosen["score"],
-                    score_rejected=chosen["score"], rejected_extra=[], method="seva-anchor",
-                ))
-                continue
             if not negatives:
-                equal += 1
+                if self.anchor_equal and chosen["response"].strip():
+                    anchors += 1
+                    pairs.append(Pair(
+                        pair_id=f"{qid}/seva-anchor", query_id=qid, prompt=chosen["prompt"],
+                        images=[queries[qid]["image"]], chosen=assistant_message(chosen["response"]),
+                        rejected=assistant_message(chosen["response"]), score_chosen=chosen["score"],
+                        score_rejected=chosen["score"], rejected_extra=[], method="seva-anchor",
+                    ))
+                else:
+                    equal += 1
                 continue
             rejected = negatives[0]
             pairs.append(Pair(
