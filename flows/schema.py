@@ -106,7 +106,7 @@ class EvalSchema:
 
 @dataclass
 class TrainSchema:
-    lr: float = 5e-5
+    lr: float = 3e-4
     weight_decay: float = 0.0
     epochs: int = 1
     max_steps: int = 0  # 0: epochs decide

@@ -74,7 +74,9 @@ def test_two_processes_give_the_in_process_curve(tiny_model_dir, pairs_dir, tmp_
 
     # Final weights: the update each run made, compared over all parameters at once. Per element,
     # AdamW divides by the root of the squared-gradient average, which lifts float noise in
-    # near-zero gradients (the vision tower's) to ~1e-5 absolute, so a global measure is the fair one.
+    # near-zero gradients (the vision tower's) to ~1e-4 absolute, so a global measure is the fair one.
+    # The per-element bound is a share of the largest move AdamW can make (~lr a step): a run on
+    # other pairs or another seed differs by a good part of that, float noise by well under 1%.
     base, _ = load_policy(model_cfg, None)
     trained, _ = load_policy(model_cfg, checkpoint)
     flat = {name: torch.cat([p.detach().flatten() for p in m.parameters()])
@@ -82,7 +84,7 @@ def test_two_processes_give_the_in_process_curve(tiny_model_dir, pairs_dir, tmp_
     update = flat["here"] - flat["base"]
     gap = (flat["launched"] - flat["here"]).norm() / update.norm()
     print("relative difference of the weight updates:", gap.item(), "update norm:", update.norm().item())
-    assert gap < 1e-3 and (flat["launched"] - flat["here"]).abs().max() < 1e-4
+    assert gap < 1e-3 and (flat["launched"] - flat["here"]).abs().max() < 0.01 * TRAIN["lr"] * TRAIN["max_steps"]
     manifest = read_manifest(checkpoint)
     assert manifest["counts"] == {"pairs": 16, "steps": TRAIN["max_steps"], "carried_forward": 0}
     assert not (tmp_path / "run" / "round_1" / "checkpoint" / "accelerate").exists()

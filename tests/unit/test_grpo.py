@@ -254,7 +254,7 @@ def test_method_config_re_defaults_judge_data_and_train():
     assert cfg.data.source._target_.endswith("JudgePairsSource") and (cfg.train.lr, cfg.train.epochs) == (1e-3, 4)
     assert JudgePairsSource(**{k: v for k, v in cfg.data.source.items() if k != "_target_"}).ratings() == [1, 2, 3]
     # the command line still wins
-    assert explicit.train.lr == 5e-5 and explicit.data.source._target_.endswith("ShapesSource")
+    assert explicit.train.lr == 3e-4 and explicit.data.source._target_.endswith("ShapesSource")
 
 
 # --- rollout policies on the tiny model --------------------------------------------------------
