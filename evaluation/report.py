@@ -62,8 +62,10 @@ INDEX = "experiment_index.json"
 CONTROL = "control"  # labels of continued-SFT controls start with this (flows/ablate.py)  # written by flows/ablate.py: which run dirs the latest invocation used
 
 
-def read_run(run_dir: Path) -> dict:
-    """One run's per-round metrics from its manifests: {label, seed, method, rounds: {i: {...}}}."""
+def read_run(run_dir: Path, label: str | None = None) -> dict:
+    """One run's per-round metrics from its manifests: {label, seed, method, rounds: {i: {...}}}.
+    ``label``: the experiment's name for the run, which wins over the one in its config: a run
+    reused from another experiment (flows/ablate.finished_elsewhere) carries that one's label."""
     import json
 
     import yaml
@@ -84,7 +86,8 @@ def read_run(run_dir: Path) -> dict:
                 row |= {f"{stage}/{k}": v for k, v in stage_manifest.get("metrics", {}).items()}
         rounds[index] = row
     loss_target = (cfg.get("loss") or {}).get("_target_", "")
-    return {"dir": str(run_dir), "label": cfg.get("label") or cfg["method"]["_target_"].rsplit(".", 1)[-1],
+    label = label or cfg.get("label") or cfg["method"]["_target_"].rsplit(".", 1)[-1]
+    return {"dir": str(run_dir), "label": label,
             "seed": cfg["seed"], "method": cfg["method"]["_target_"].rsplit(".", 1)[-1],
             "loss": loss_target.rsplit(".", 1)[-1], "planned_rounds": cfg["rounds"], "rounds": rounds}
 
@@ -99,10 +102,9 @@ def collect_runs(runs_dir: Path, experiment: str) -> list[dict]:
                                 "or pass --runs-dir")
     index = root / INDEX
     if index.exists():
-        dirs = [Path(entry["run_dir"]) for entry in json.loads(index.read_text())["runs"]]
-    else:
-        dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").exists())
-    return [read_run(d) for d in dirs]
+        entries = json.loads(index.read_text())["runs"]
+        return [read_run(Path(entry["run_dir"]), entry.get("label")) for entry in entries]
+    return [read_run(d) for d in sorted(p for p in root.iterdir() if (p / "config.yaml").exists())]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

@@ -34,3 +34,23 @@ def test_unfinished_other_rounds_other_keys_and_own_runs_are_not_reused(tmp_path
     assert finished_elsewhere(ablation, "fourrounds") is None  # planned 4 rounds: a different table row
     assert finished_elsewhere(ablation, "own") is None  # its own folder: resumed by iterate, not "reused"
     assert finished_elsewhere(ablation, "missing") is None
+
+
+def test_a_reused_run_is_reported_under_the_label_this_experiment_gave_it(tmp_path):
+    """The reused run's config carries the label of the experiment that ran it ('Reasoner' for
+    a plain run); the report groups by this experiment's label, so its seeds land in one row."""
+    import json
+
+    from evaluation.report import INDEX, collect_runs
+
+    reused = make_run(tmp_path, "probe", "k0", planned=3, finished_rounds=3)
+    own = make_run(tmp_path, "methods", "k1", planned=3, finished_rounds=3)
+    for run, label in ((reused, "Reasoner"), (own, "reasoner")):
+        (run / "config.yaml").write_text(f"rounds: 3\nseed: 0\nlabel: {label}\n"
+                                         "method: {_target_: methods.reasoner.Reasoner}\n")
+        for i in range(4):
+            (run / f"round_{i}" / "eval" / "manifest.json").write_text('{"metrics": {"accuracy": 0.5}}')
+    entries = [{"label": "reasoner", "seed": 0, "run_dir": str(reused)},
+               {"label": "reasoner", "seed": 1, "run_dir": str(own)}]
+    (tmp_path / "methods" / INDEX).write_text(json.dumps({"experiment": "methods", "runs": entries}))
+    assert [r["label"] for r in collect_runs(tmp_path, "methods")] == ["reasoner", "reasoner"]
