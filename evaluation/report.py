@@ -86,9 +86,8 @@ def read_run(run_dir: Path, label: str | None = None) -> dict:
                 row |= {f"{stage}/{k}": v for k, v in stage_manifest.get("metrics", {}).items()}
         rounds[index] = row
     loss_target = (cfg.get("loss") or {}).get("_target_", "")
-    label = label or cfg.get("label") or cfg["method"]["_target_"].rsplit(".", 1)[-1]
-    return {"dir": str(run_dir), "label": label,
-            "seed": cfg["seed"], "method": cfg["method"]["_target_"].rsplit(".", 1)[-1],
+    method = cfg["method"]["_target_"].rsplit(".", 1)[-1]
+    return {"dir": str(run_dir), "label": label or cfg.get("label") or method, "seed": cfg["seed"], "method": method,
             "loss": loss_target.rsplit(".", 1)[-1], "planned_rounds": cfg["rounds"], "rounds": rounds}
 
 

@@ -27,8 +27,8 @@ from prefect import flow
 
 from evaluation.report import (
     INDEX,
+    collect_runs,
     control_label,
-    read_run,
     summarise_variants,
     variants_table,
     write_report,
@@ -122,7 +122,7 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
 
     root = Path(cfg["runs_dir"]) / experiment
     (root / INDEX).write_text(json.dumps({"experiment": experiment, "runs": entries}, indent=2))
-    runs = [read_run(Path(e["run_dir"]), e["label"]) for e in entries]
+    runs = collect_runs(Path(cfg["runs_dir"]), experiment)  # reads the index just written
     files = write_report(experiment, runs, root / "report")
     print("\n" + variants_table(summarise_variants(runs)))
     client = tracking.client(cfg["tracking_uri"])
