@@ -39,6 +39,7 @@ from evaluation.suites.shapes import (
 from models.logprobs import collate, completion_ids, encode_prompt, sequence_logps
 from models.progress import Progress
 from models.records import user_prompt
+from models.tiny_formats import format_item, item_kinds
 
 log = logging.getLogger("prefloop")
 
@@ -87,6 +88,10 @@ METHOD_TEXT = [
 ]
 
 
+# TinySpec fields added after bases were cached, with their off values (see TinySpec.key).
+LATER_OPTIONS = {"sft_box_share": 0.0, "sft_cot_share": 0.0}
+
+
 @dataclass
 class TinySpec:
     """Everything that determines the built model; its hash names the cache directory."""
@@ -108,6 +113,10 @@ class TinySpec:
     # "red" is 60 % of colour answers instead of 25 %), so the base has a skewed answer prior;
     # it is evaluated on the balanced test split (evaluation/suites/shapes.skewed_queries).
     sft_favoured_share: float = 0.0
+    # > 0: shares of the SFT queries taught as UV-CoT box chains / MPO CoT answers instead of
+    # plain answers, the formats a hub VLM's SFT mix teaches (models/tiny_formats.py)
+    sft_box_share: float = 0.0
+    sft_cot_share: float = 0.0
     check_queries: int = 300
     seed: int = 0
     suite: dict = field(default_factory=dict)  # ShapesSpec overrides
@@ -124,7 +133,10 @@ class TinySpec:
         return spec_from_config(self.suite | {"image_size": self.image_size})
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        # Options added later hash only when set, so bases built before they existed keep
+        # their cache directory (and every run key built on it).
+        spec = {k: v for k, v in asdict(self).items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+        blob = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -218,13 +230,16 @@ def build_model(spec: TinySpec, tokenizer):
 
 
 def sft(model, processor, spec: TinySpec) -> dict:
-    """Plain next-token SFT on ground-truth answers: AdamW, linear warm-up, cosine decay."""
+    """Next-token SFT on ground-truth targets (plain answers, plus the format items of
+    models/tiny_formats.py when their shares are set): AdamW, linear warm-up, cosine decay."""
     if spec.sft_favoured_share > 0:
         queries = skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
     else:
         queries = make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
-    prompts = [encode_prompt(processor, user_prompt(q["question"]), [q["image"]]) for q in queries]
-    answers = [completion_ids(processor.tokenizer, q["answer"]) for q in queries]
+    kinds = item_kinds(len(queries), spec.sft_box_share, spec.sft_cot_share, spec.seed)
+    items = [format_item(q, kind) for q, kind in zip(queries, kinds)]
+    prompts = [encode_prompt(processor, prompt, images) for prompt, images, _ in items]
+    answers = [completion_ids(processor.tokenizer, target) for _, _, target in items]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     warmup = max(1, spec.sft_steps // 20)
 
