@@ -142,6 +142,12 @@ def sweep_id() -> str | None:
 register()
 
 
+def ablation_plan(cfg: DictConfig) -> dict:
+    """The experiment's ``ablation`` block, unresolved: a variant's override may hold an
+    interpolation (``${seed}``) that must resolve in each of its runs, not once here."""
+    return OmegaConf.to_container(cfg.ablation, resolve=False)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     quiet_third_party_logs()
@@ -156,7 +162,7 @@ def main(cfg: DictConfig) -> None:
 
             from flows.ablate import ablate
 
-            ablate(container["experiment_name"], list(HydraConfig.get().overrides.task), container["ablation"])
+            ablate(container["experiment_name"], list(HydraConfig.get().overrides.task), ablation_plan(cfg))
             return
         with_task_runner(iterate, container)(container, sweep=sweep_id())
     except Exception as err:  # a bad model, config, dataset or a full disk: one line, no traceback

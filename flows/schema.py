@@ -185,6 +185,9 @@ class AblationSchema:
     control: bool = True  # add continued SFT (method=sft_control) matched to variants' train settings and steps
     control_for: Optional[list[str]] = None  # the variants that get a matched control (None: every variant)
     variants: dict[str, list[str]] = field(default_factory=dict)  # label -> Hydra overrides
+    # runs at once, each its own process with cores // workers torch threads (flows/ablate.py);
+    # 1: in this process, one after another
+    workers: int = 1
 
 
 @dataclass

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.artifacts import read_jsonl, read_manifest
@@ -36,11 +37,26 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def experiment_id_for(c: MlflowClient, name: str) -> str:
+    """The MLflow experiment ``name``, created if missing. Parallel runs of one experiment
+    (ablation.workers > 1) may both find it missing: the one whose create loses reads the
+    winner's."""
+    experiment = c.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:
+        experiment = c.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def start_experiment(c: MlflowClient, cfg: dict, key: str, run_dir: Path, sweep: str | None = None) -> str:
     """The parent run of this experiment key: found if it exists, else created with params.
     ``sweep`` tags the run with the Hydra multirun it belongs to (latest sweep wins)."""
-    experiment = c.get_experiment_by_name(cfg["experiment_name"])
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(cfg["experiment_name"])
+    experiment_id = experiment_id_for(c, cfg["experiment_name"])
     found = c.search_runs([experiment_id], f"tags.`prefloop.key` = '{key}' and tags.`prefloop.kind` = 'parent'")
     if found:
         run_id = found[0].info.run_id

@@ -117,3 +117,19 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
             assert control["train"]["steps_per_round"] == [1] * variant["rounds"]
             assert {k: v for k, v in control["train"].items() if k != "steps_per_round"} == \
                 {k: v for k, v in variant["train"].items() if k != "steps_per_round"}
+
+
+def test_an_experiment_variant_interpolates_its_own_run_settings():
+    """uvcot_ablation's larger evaluator is built per seed on the run's suite: the variant's
+    ${seed} / ${data.source.suite} must resolve in each run's config, not when the experiment
+    is read (flows.iterate.ablation_plan keeps them unresolved)."""
+    from flows.ablate import compose_run
+    from flows.iterate import ablation_plan
+
+    ablation = ablation_plan(compose("config", overrides=["experiment=uvcot_ablation"]))
+    overrides = ablation["variants"]["larger_evaluator"]
+    assert any("${seed}" in o for o in overrides)
+    for seed in (1, 2):
+        run = compose_run(["experiment=uvcot_ablation", *overrides, f"seed={seed}"])
+        assert run["judge"]["model"]["tiny"]["seed"] == seed
+        assert run["judge"]["model"]["tiny"]["suite"] == run["data"]["source"]["suite"]
