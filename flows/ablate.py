@@ -40,6 +40,7 @@ from evaluation.report import (
     variants_table,
     write_report,
 )
+from flows.runners import worker_env
 from flows.schema import validate
 from models.progress import log
 from tasks import tracking
@@ -87,25 +88,6 @@ def steps_taken(run_dir: Path, rounds: int) -> list[int]:
     return [read_manifest(run_dir / f"round_{i}" / "checkpoint")["counts"]["steps"] for i in range(1, rounds + 1)]
 
 
-def prefect_api_url() -> str:
-    """The Prefect API that child runs must report to: the configured server, else this
-    process's temporary one (started here if the ephemeral client has not started it yet)."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    if url:
-        return url
-    # Ephemeral mode: one temporary server per process, kept by Prefect as a per-port singleton.
-    # Children given its address share it (each starting its own would mean several servers on
-    # one sqlite database).
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    if not server.running:
-        server.start()
-    return server.api_url
-
-
 def prebuild_models(cfg: dict) -> None:
     """Build (cache) a run's embedded tiny base and evaluator here, once, before children that
     share them start: concurrent builds of one model are safe but each costs minutes."""
@@ -117,17 +99,17 @@ def prebuild_models(cfg: dict) -> None:
         base_model_path(evaluator_config(cfg))
 
 
-def run_in_child(job: dict, threads: int, api_url: str, log_dir: Path) -> None:
-    """One iterate run in its own process (flows/run_config.py), output to its own log file."""
+def run_in_child(job: dict, env: dict[str, str], log_dir: Path) -> None:
+    """One iterate run in its own process (flows/run_config.py) with ``env`` added to this
+    process's environment (flows/runners.worker_env), output to its own log file."""
     log_dir.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{job['label']}-seed{job['seed']}")
     config_file, log_file = log_dir / f"{stem}.json", log_dir / f"{stem}.log"
     config_file.write_text(json.dumps(job["cfg"]))
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                        "PREFECT_API_URL": api_url}
+    env = os.environ | env
     with open(log_file, "w") as out:
         code = subprocess.run([sys.executable, "-m", "flows.run_config", str(config_file), job["name"]],
-                              stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+                              check=False, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         raise RuntimeError(f"{job['name']} failed (exit {code}); its output: {log_file}. Fix the cause and run "
                            "the experiment again: finished runs and stages are reused.")
@@ -152,7 +134,7 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
         raise ValueError(f"ablation.workers={workers}: use 1 (runs one after another here) or more")
     total = len(variants) * len(seeds) + (len(targets) * len(seeds) if ablation["control"] else 0)
     entries: list[dict] = []
-    start, lock = time.perf_counter(), Lock()
+    start, lock, done = time.perf_counter(), Lock(), 0  # done: runs finished or reused, for the ETA
 
     def plan(label: str, seed: int, overrides: list[str]) -> dict:
         cfg = compose_run([*base_overrides, *overrides, f"seed={seed}", f"label='{label}'"])
@@ -165,49 +147,50 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
         return {"label": label, "seed": seed, "overrides": overrides, "cfg": cfg, "reused": bool(reused),
                 "run_dir": reused or run_dir, "name": f"iterate-{label}-seed{seed}"}
 
-    def progress(job: dict, event: str) -> None:
+    def progress(job: dict, event: str, finished: int = 0) -> None:
+        nonlocal done
         with lock:
-            done, elapsed = len(entries), time.perf_counter() - start
+            done += finished
+            elapsed = time.perf_counter() - start
             eta = f"ETA {elapsed / done * (total - done):.0f}s" if done else "ETA unknown"
             log.info("%s: run %s (%s, seed %d) %s; %d/%d done, %.0fs so far, %s", experiment, job["name"],
                      job["label"], job["seed"], event, done, total, elapsed, eta)
 
-    def finish(job: dict) -> None:
-        with lock:
-            entries.append({k: job[k] for k in ("label", "seed", "overrides")} | {"run_dir": str(job["run_dir"])})
-
     def execute(jobs: list[dict]) -> None:
+        """Run each distinct run of ``jobs`` (here one after another, or ``workers`` at a time in
+        child processes), then index every job in plan order. Two variants may be one config
+        (same run key): it runs once and both index it."""
+        nonlocal done
+        todo, seen = [], set()
         for job in jobs:
-            if job["reused"]:
-                finish(job)
-        todo, same_as_earlier = [], []
-        for job in jobs:  # two variants may be one config (same run key): run it once
-            if not job["reused"]:
-                (same_as_earlier if any(job["run_dir"] == t["run_dir"] for t in todo) else todo).append(job)
+            if not job["reused"] and job["run_dir"] not in seen:
+                seen.add(job["run_dir"])
+                todo.append(job)
+        done += len(jobs) - len(todo)
         if workers == 1:
-            todo += same_as_earlier  # resumed from its finished twin's directory at no cost
-            same_as_earlier = []
             for job in todo:
                 progress(job, "starts")
                 iterate.with_options(name=job["name"])(job["cfg"])
-                finish(job)
-            return
-        if not todo:
-            return
+                done += 1
+        elif todo:
+            run_parallel(todo)
+        entries.extend({k: job[k] for k in ("label", "seed", "overrides")} | {"run_dir": str(job["run_dir"])}
+                       for job in jobs)
+
+    def run_parallel(todo: list[dict]) -> None:
         for job in todo:
             prebuild_models(job["cfg"])
         # the tracking store and experiment exist before children start: two processes creating
         # a fresh MLflow sqlite database at once race on its schema migration
         for uri, name in {(job["cfg"]["tracking_uri"], job["cfg"]["experiment_name"]) for job in todo}:
             tracking.experiment_id_for(tracking.client(uri), name)
-        threads, api_url = max(1, (os.cpu_count() or 1) // workers), prefect_api_url()
-        log_dir = Path(todo[0]["cfg"]["runs_dir"]) / experiment / "logs" if todo else None
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        env, log_dir = worker_env(threads), Path(todo[0]["cfg"]["runs_dir"]) / experiment / "logs"
 
         def one(job: dict) -> None:
             progress(job, f"starts in its own process ({threads} threads)")
-            run_in_child(job, threads, api_url, log_dir)
-            finish(job)
-            progress(job, "finished")
+            run_in_child(job, env, log_dir)
+            progress(job, "finished", finished=1)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # each thread runs in a copy of this flow run's context, so its progress lines reach
@@ -215,13 +198,11 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
             futures = [pool.submit(contextvars.copy_context().run, one, job) for job in todo]
             for future in futures:
                 future.result()  # re-raises the first failure once the running ones end
-        for job in same_as_earlier:
-            finish(job)
 
     jobs = [plan(label, seed, overrides) for label, overrides in variants.items() for seed in seeds]
     execute(jobs)
-    finished = {(job["label"], job["seed"]): job for job in jobs}
     if ablation["control"]:
+        finished = {(job["label"], job["seed"]): job for job in jobs}
         controls = []
         for label in targets:
             for seed in seeds:
@@ -229,9 +210,6 @@ def ablate(experiment: str, base_overrides: list[str], ablation: dict) -> str:
                 steps = steps_taken(Path(job["run_dir"]), job["cfg"]["rounds"])
                 controls.append(plan(control_label(label), seed, control_overrides(variants[label], job["cfg"], steps)))
         execute(controls)
-    # the index lists runs in plan order, however they finished
-    order = {(job["label"], job["seed"]): i for i, job in enumerate(jobs + (controls if ablation["control"] else []))}
-    entries.sort(key=lambda e: order[(e["label"], e["seed"])])
     cfg = jobs[-1]["cfg"]
 
     root = Path(cfg["runs_dir"]) / experiment

@@ -37,18 +37,24 @@ def task_runner(generate_cfg: dict):
         import dask as dask_lib
 
         dask_lib.config.set({"distributed.worker.daemon": False})
-    threads = str(worker_threads(dask))
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
             "n_workers": dask["n_workers"],
             "threads_per_worker": 1,  # one shard at a time per worker: one model in its memory
             "processes": True,
-            "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PREFECT_API_URL": api_url(),
-                    # as quiet as the flow's process (flows/iterate.py quiet_third_party_logs)
-                    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"},
+            "env": worker_env(worker_threads(dask)),
         },
     )
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment of a worker process (a Dask shard worker, an experiment's child run): its
+    torch thread count, set before it imports torch so workers do not oversubscribe the cores,
+    this process's Prefect API, and as quiet as the flow's process (flows/iterate.py
+    quiet_third_party_logs)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PREFECT_API_URL": api_url(),
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def api_url() -> str:

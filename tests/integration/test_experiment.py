@@ -88,5 +88,5 @@ def test_a_failing_child_run_names_its_log(tmp_path):
 
     job = {"label": "broken", "seed": 0, "name": "iterate-broken-seed0", "cfg": {"not": "a run config"}}
     with pytest.raises(RuntimeError, match=r"iterate-broken-seed0 failed .*broken-seed0\.log"):
-        run_in_child(job, threads=1, api_url="http://127.0.0.1:9/api", log_dir=tmp_path)
+        run_in_child(job, env={"OMP_NUM_THREADS": "1", "PREFECT_API_URL": "http://127.0.0.1:9/api"}, log_dir=tmp_path)
     assert "Traceback" in (tmp_path / "broken-seed0.log").read_text()  # the child's own error, kept
