@@ -152,7 +152,7 @@ def summarise_variants(runs: list[dict]) -> list[dict]:
                "seeds": sorted(r["seed"] for r in group), "rounds": list(range(last + 1))}
         for i in row["rounds"]:
             for metric in ("accuracy", "sampled/accuracy", "malformed_rate", "sampled/malformed_rate",
-                           "pair/pairs", "train/steps", "train/rewards/margin", *OPTIONAL_COLUMNS):
+                           "pair/pairs", "train/steps", "train/rewards/margin", *PAIR_SCORES, *OPTIONAL_COLUMNS):
                 values = [r["rounds"][i][metric] for r in group if metric in r["rounds"][i]]
                 if values:
                     row[(metric, i)] = mean_se(values)
@@ -167,6 +167,9 @@ def summarise_variants(runs: list[dict]) -> list[dict]:
 
 
 # Metrics some runs have (re-ranking, box-CoT): a column each when any variant reports them.
+# Mean judge score of the final round's chosen / rejected responses (tasks/pair.judge_score_means):
+# with the correctness judge, how often each side is right; one column when any variant has them.
+PAIR_SCORES = ("pair/judge_score_chosen", "pair/judge_score_rejected")
 OPTIONAL_COLUMNS = {"rerank/best_of_n": "best-of-N", "rerank/weighted_vote": "weighted vote",
                     "rerank/majority_vote": "majority vote", "box_cot/accuracy": "box-CoT acc"}
 
@@ -199,6 +202,8 @@ def variants_table(rows: list[dict]) -> str:
               "pairs", "steps", "reward margin"]
     optional = [m for m in OPTIONAL_COLUMNS if any((m, r["rounds"][-1]) in r for r in rows)]
     header += [f"{OPTIONAL_COLUMNS[m]} (final)" for m in optional]
+    pair_scores = any((PAIR_SCORES[0], r["rounds"][-1]) in r for r in rows)
+    header += ["judge score chosen / rejected (final)"] if pair_scores else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         last = row["rounds"][-1]
@@ -212,6 +217,9 @@ def variants_table(rows: list[dict]) -> str:
                  sampled, malformed, _cell(row.get(("pair/pairs", last)), 0), _cell(row.get(("train/steps", last)), 0),
                  _cell(row.get(("train/rewards/margin", last)), 3)]
         cells += [_cell(row.get((m, last))) for m in optional]
+        if pair_scores:
+            chosen, rejected = (row.get((m, last)) for m in PAIR_SCORES)
+            cells.append(f"{_cell(chosen, 2)} / {_cell(rejected, 2)}" if chosen else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

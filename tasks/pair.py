@@ -59,4 +59,20 @@ def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt
         write_jsonl(tmp / "preview.jsonl", [{k: v for k, v in p.items() if k != "images"} for p in pairs[:PREVIEW_ROWS]])
         manifest["counts"] = {"candidates": len(scored), "pairs": len(pairs), "dropped_too_long": dropped_long,
                               **method_counts}
+        manifest["metrics"] = judge_score_means(pairs)
     return str(out)
+
+
+def judge_score_means(pairs: list[dict]) -> dict[str, float]:
+    """Mean judge score of the chosen and of the rejected responses over the round's pairs.
+
+    How good a method's pairs are, in the judge's terms: with the correctness judge it is the
+    share of chosen (rejected) answers that are right. A self-supervised method (SeVa) pairs
+    without the judge, so this is the one place its pairs' quality shows; NLL-only anchors
+    (chosen == rejected) are left out."""
+    scored = [p for p in pairs if p["chosen"] != p["rejected"]
+              and isinstance(p.get("score_chosen"), (int, float)) and isinstance(p.get("score_rejected"), (int, float))]
+    if not scored:
+        return {}
+    return {"judge_score_chosen": sum(p["score_chosen"] for p in scored) / len(scored),
+            "judge_score_rejected": sum(p["score_rejected"] for p in scored) / len(scored)}

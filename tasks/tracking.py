@@ -108,6 +108,8 @@ def log_round(c: MlflowClient, parent_id: str, round_index: int, stages: dict[st
     evaluation = manifests["evaluate"]["metrics"]
     for name, value in evaluation.items():
         metrics.append(_metric(f"eval/{name}", value, round_index))
+    for name, value in manifests.get("pair", {}).get("metrics", {}).items():
+        metrics.append(_metric(f"pair/{name}", value, round_index))
     if "train" in manifests:
         for name, value in manifests["train"].get("metrics", {}).items():
             metrics.append(_metric(f"train/{name}", value, round_index))

@@ -59,8 +59,11 @@ def test_two_rounds_change_parameters_and_reach_mlflow(prefect_harness, tmp_path
     assert len(parents) == 1 and sorted(r.data.tags["prefloop.round"] for r in children) == ["0", "1", "2"]
     round_1 = next(r for r in children if r.data.tags["prefloop.round"] == "1")
     for metric in ("eval/accuracy", "eval/accuracy/colour", "train/loss", "train/rewards/accuracy",
-                   "train/rewards/margin", "count/pairs", "count/candidates", "time/train_s", "time/generate_s"):
+                   "train/rewards/margin", "count/pairs", "count/candidates", "time/train_s", "time/generate_s",
+                   "pair/judge_score_chosen", "pair/judge_score_rejected"):
         assert metric in round_1.data.metrics, metric
+    # correctness pairs: every chosen answer is right, every rejected one wrong
+    assert (round_1.data.metrics["pair/judge_score_chosen"], round_1.data.metrics["pair/judge_score_rejected"]) == (1, 0)
     history = client.get_metric_history(parents[0].info.run_id, "eval/accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert {a.path for a in client.list_artifacts(round_1.info.run_id)} >= {"eval", "pairs", "checkpoint"}

@@ -84,3 +84,31 @@ def test_unfinished_runs_are_refused_not_averaged(tmp_path):
         summarise_variants(collect_runs(tmp_path, "exp"))
     with pytest.raises(FileNotFoundError, match="experiment=nothing"):
         collect_runs(tmp_path, "nothing")
+
+
+def test_pair_judge_scores_become_one_column(tmp_path):
+    """The pair stage's mean judge scores of chosen / rejected (tasks/pair.judge_score_means)
+    reach the table as one 'chosen / rejected' cell, averaged over seeds."""
+    root = tmp_path / "exp"
+    for seed, chosen in enumerate([0.6, 0.5, 0.4]):
+        run = make_run(root, "seva", seed, [0.5, 0.5])
+        manifest = run / "round_1" / "pairs" / "manifest.json"
+        manifest.write_text(json.dumps({"counts": {"pairs": 40},
+                                        "metrics": {"judge_score_chosen": chosen, "judge_score_rejected": 0.2}}))
+    table = variants_table(summarise_variants(collect_runs(tmp_path, "exp")))
+    assert "judge score chosen / rejected (final)" in table
+    assert "| 0.50 ± 0.06 / 0.20 ± 0.00 |" in table
+
+
+def test_judge_score_means_leave_out_anchors_and_unscored_pairs():
+    from tasks.pair import judge_score_means
+
+    def pair(chosen, rejected, s_c, s_r):
+        return {"chosen": chosen, "rejected": rejected, "score_chosen": s_c, "score_rejected": s_r}
+
+    pairs = [pair("a", "b", 1.0, 0.0), pair("c", "d", 0.0, 1.0), pair("a", "b", 1.0, 0.0),
+             pair("e", "e", 1.0, 1.0),  # an NLL-only anchor (SeVa anchor_equal): no preference
+             pair("f", "g", None, 0.0)]  # no judge score
+    assert judge_score_means(pairs) == {"judge_score_chosen": pytest.approx(2 / 3),
+                                        "judge_score_rejected": pytest.approx(1 / 3)}
+    assert judge_score_means([]) == {}
