@@ -69,8 +69,9 @@ def judge_score_means(pairs: list[dict]) -> dict[str, float]:
     How good a method's pairs are, in the judge's terms: with the correctness judge it is the
     share of chosen (rejected) answers that are right. A self-supervised method (SeVa) pairs
     without the judge, so this is the one place its pairs' quality shows; NLL-only anchors
-    (chosen == rejected) are left out."""
-    scored = [p for p in pairs if p["chosen"] != p["rejected"]
+    (chosen == rejected) are left out, and so are records that are not pairs at all (a
+    group-relative method's scored groups have no chosen / rejected)."""
+    scored = [p for p in pairs if "chosen" in p and "rejected" in p and p["chosen"] != p["rejected"]
               and isinstance(p.get("score_chosen"), (int, float)) and isinstance(p.get("score_rejected"), (int, float))]
     if not scored:
         return {}
