@@ -38,7 +38,9 @@ COLOR_RGB = {
 }
 COUNT_WORDS = ["zero", "one", "two", "three", "four", "five"]
 QUESTION_TYPES = ("colour", "shape", "count", "exist", "position")
-SPLIT_OFFSETS = {"sft": 1, "train": 2, "test": 3}
+# Each split is its own random stream. `validation` is for tuning defaults (eval.split=validation),
+# so that `test` stays untouched by the choices it reports on.
+SPLIT_OFFSETS = {"sft": 1, "train": 2, "test": 3, "validation": 4}
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class ShapesSource:
         # Queries come from one sequential random stream, so a slice needs its prefix drawn
         # too; drawing is cheap (~0.1 ms per query).
         return make_queries(split, stop, seed, spec_from_config(dict(self.suite)))[start:stop]
+
+    def check(self, split: str) -> None:
+        """Raise ValueError now if ``split`` or the suite keys are unknown: the CLI calls this
+        before any stage (flows/checks.check_data), so a typo fails before the model is built."""
+        split_seed(split, 0)
+        spec_from_config(dict(self.suite))
 
     def answer_space(self) -> set[str]:
         return answer_space(spec_from_config(dict(self.suite)))

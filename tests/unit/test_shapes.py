@@ -93,3 +93,25 @@ def test_skewed_queries_give_a_single_answer_type_all_its_quota():
     queries = skewed_queries("sft", 100, seed=0, spec=spec, favoured_share=0.6)
     counts = [q["answer"] for q in queries if q["qtype"] == "count"]
     assert len(queries) == 100 and counts == ["one"] * 20
+
+
+def test_validation_split_is_its_own_stream():
+    # Tuning on `validation` must not see the `test` items (or the round pool's).
+    def items(queries):
+        return {(q["question"], q["image"].tobytes()) for q in queries}
+
+    validation = make_queries("validation", 200, seed=0)
+    assert items(validation) == items(make_queries("validation", 200, seed=0))
+    for other in ("test", "train", "sft"):
+        assert not items(validation) & items(make_queries(other, 200, seed=0))
+
+
+def test_unknown_split_fails_before_any_stage():
+    from flows.checks import ConfigError, check_data
+    from tasks.common import build
+
+    source = {"_target_": "evaluation.suites.shapes.ShapesSource", "suite": {"max_objects": 2}}
+    build(source).check("validation")
+    check_data({"data": {"source": source, "split": "train"}, "eval": {"source": source, "split": "validation"}})
+    with pytest.raises(ConfigError, match=r"eval.source: unknown split 'valid'; choose from .*validation"):
+        check_data({"data": {"source": source, "split": "train"}, "eval": {"source": source, "split": "valid"}})
