@@ -96,8 +96,15 @@ def test_every_option_validates(group, option, local_dataset):
     validate(compose("config", overrides=_option_overrides(group, option, local_dataset)))
 
 
-@pytest.mark.parametrize("experiment", ["methods", "seva_ablation", "uvcot_ablation", "mpo_ablation",
-                                        "reasoner_ablation"])
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_the_packaged_experiments_are_all_found():
+    assert {"methods", "seva_ablation", "uvcot_ablation", "mpo_ablation", "reasoner_ablation",
+            "seva_tuning", "seva_recipe"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_variant_and_its_control_compose(experiment):
     """Each packaged experiment's variants (and the matched control's overrides) compose and
     pass the schemas, so `python -m flows.iterate experiment=<name>` cannot fail half-way on a typo."""
@@ -105,7 +112,9 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
 
     cfg = compose("config", overrides=[f"experiment={experiment}"])
     ablation = OmegaConf.to_container(cfg.ablation)
-    assert cfg.experiment_name == experiment and len(ablation["variants"]) >= 3 - (experiment == "methods")
+    assert cfg.experiment_name == experiment and len(ablation["variants"]) >= 2
+    # only the tuning experiment looks at the validation split; every other one reports on test
+    assert cfg.eval.split == ("validation" if experiment.endswith("_tuning") else "test")
     assert set(ablation["control_for"] or []) <= set(ablation["variants"])
     for label, overrides in ablation["variants"].items():
         variant = compose_run([f"experiment={experiment}", *overrides, "label=x"])
