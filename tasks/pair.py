@@ -37,7 +37,8 @@ def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt
         if cfg["train"].get("balance_pairs") and not getattr(method, "trains_on_ground_truth", False):
             pairs, method_counts["dropped_unbalanced"] = symmetric_pairs(pairs, seed=cfg["seed"] * 1000 + round_index)
         dropped_long = 0
-        if pairs and hasattr(method, "reference_pass"):
+        rows_are_pairs = not hasattr(method, "reference_pass")
+        if pairs and not rows_are_pairs:
             # Hook: a method whose training rows are not chosen/rejected pairs (judge_grpo: GRPO
             # rollout groups) scores them under the round's starting policy itself and returns
             # (rows with their old/reference log-probs, number dropped as too long).
@@ -59,7 +60,8 @@ def pair(run_dir: str, round_index: int, cfg: dict, scores_dir: str, policy_ckpt
         write_jsonl(tmp / "preview.jsonl", [{k: v for k, v in p.items() if k != "images"} for p in pairs[:PREVIEW_ROWS]])
         manifest["counts"] = {"candidates": len(scored), "pairs": len(pairs), "dropped_too_long": dropped_long,
                               **method_counts}
-        manifest["metrics"] = judge_score_means(pairs)
+        # pair quality in the judge's terms; a group-relative method's rows are not pairs
+        manifest["metrics"] = judge_score_means(pairs) if rows_are_pairs else {}
     return str(out)
 
 
@@ -69,9 +71,8 @@ def judge_score_means(pairs: list[dict]) -> dict[str, float]:
     How good a method's pairs are, in the judge's terms: with the correctness judge it is the
     share of chosen (rejected) answers that are right. A self-supervised method (SeVa) pairs
     without the judge, so this is the one place its pairs' quality shows; NLL-only anchors
-    (chosen == rejected) are left out, and so are records that are not pairs at all (a
-    group-relative method's scored groups have no chosen / rejected)."""
-    scored = [p for p in pairs if "chosen" in p and "rejected" in p and p["chosen"] != p["rejected"]
+    (chosen == rejected) are left out."""
+    scored = [p for p in pairs if p["chosen"] != p["rejected"]
               and isinstance(p.get("score_chosen"), (int, float)) and isinstance(p.get("score_rejected"), (int, float))]
     if not scored:
         return {}

@@ -35,8 +35,10 @@ def test_two_rounds_of_judge_grpo(prefect_harness, tmp_path, tiny_cache, judge_t
     for i in (1, 2):
         trained = load_file(str(run_dir / f"round_{i}" / "checkpoint" / "model.safetensors"))
         assert [k for k in base if not (base[k] == trained[k]).all()], f"round {i} left every parameter unchanged"
-        pairs = json.loads((run_dir / f"round_{i}" / "pairs" / "manifest.json").read_text())["counts"]
+        pair_manifest = json.loads((run_dir / f"round_{i}" / "pairs" / "manifest.json").read_text())
+        pairs = pair_manifest["counts"]
         assert pairs["groups"] == pairs["pairs"] and pairs["format_rate"] == 1.0
+        assert pair_manifest["metrics"] == {}  # rollout groups are not chosen/rejected pairs
         train = json.loads((run_dir / f"round_{i}" / "checkpoint" / "manifest.json").read_text())
         assert {"loss", "kl", "clip_fraction", "ratio"} <= set(train["metrics"])
     rows = datasets.load_from_disk(str(run_dir / "round_1" / "pairs" / "dataset"))

@@ -100,7 +100,7 @@ def test_pair_judge_scores_become_one_column(tmp_path):
     assert "| 0.50 ± 0.06 / 0.20 ± 0.00 |" in table
 
 
-def test_judge_score_means_leave_out_anchors_unscored_pairs_and_groups():
+def test_judge_score_means_leave_out_anchors_and_unscored_pairs():
     from tasks.pair import judge_score_means
 
     def pair(chosen, rejected, s_c, s_r):
@@ -108,8 +108,7 @@ def test_judge_score_means_leave_out_anchors_unscored_pairs_and_groups():
 
     pairs = [pair("a", "b", 1.0, 0.0), pair("c", "d", 0.0, 1.0), pair("a", "b", 1.0, 0.0),
              pair("e", "e", 1.0, 1.0),  # an NLL-only anchor (SeVa anchor_equal): no preference
-             pair("f", "g", None, 0.0),  # no judge score
-             {"prompt": "p", "responses": ["h", "i"], "rewards": [1.0, 0.0]}]  # a GRPO group, not a pair
+             pair("f", "g", None, 0.0)]  # no judge score
     assert judge_score_means(pairs) == {"judge_score_chosen": pytest.approx(2 / 3),
                                         "judge_score_rejected": pytest.approx(1 / 3)}
     assert judge_score_means([]) == {}
