@@ -101,7 +101,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "expe
 
 def test_the_packaged_experiments_are_all_found():
     assert {"methods", "seva_ablation", "uvcot_ablation", "mpo_ablation", "reasoner_ablation",
-            "seva_tuning", "seva_recipe"} <= set(EXPERIMENTS)
+            "seva_tuning", "seva_recipe", "reasoner_tuning", "reasoner_recipe"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -124,8 +124,19 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
             assert control["method"]["_target_"].endswith("ContinuedSFT")
             assert control["loss"]["_target_"].endswith("SFTLoss")
             assert control["train"]["steps_per_round"] == [1] * variant["rounds"]
+            # the same queries: experiment=methods' reasoner variant sets no round size, its method does
+            assert control["queries_per_round"] == variant["queries_per_round"]
             assert {k: v for k, v in control["train"].items() if k != "steps_per_round"} == \
                 {k: v for k, v in variant["train"].items() if k != "steps_per_round"}
+
+
+@pytest.mark.parametrize("overrides,expected", [(["method=reasoner"], 1000), (["method=seva"], 500),
+                                                (["method=mpo"], 500), (["method=reasoner", "queries_per_round=300"], 300),
+                                                (["method=reasoner", "experiment=uvcot_ablation"], 200)])
+def test_a_method_can_re_default_the_round_size_and_the_command_line_wins(overrides, expected):
+    """conf/method/reasoner.yaml re-defaults queries_per_round to 1000 (README: the reasoner's
+    tuned recipe); every other method keeps the schema's 500; an override or experiment wins."""
+    assert compose("config", overrides=overrides).queries_per_round == expected
 
 
 def test_an_experiment_variant_interpolates_its_own_run_settings():
