@@ -26,6 +26,11 @@ from pathlib import Path
 
 # Forward the library's progress logger to Prefect's run logs (read when prefect is imported).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefloop")
+# With no Prefect server configured, Prefect starts a temporary one and waits 20 s for it by
+# default; on a fresh machine its first start (creating and migrating its database) on 2 busy
+# cores took longer and the main command failed with "Timed out while attempting to connect
+# to ephemeral Prefect API server" (session 13). A user's own setting still wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

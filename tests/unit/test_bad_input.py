@@ -203,3 +203,17 @@ def test_cli_full_disk_is_one_message_and_leaves_no_partial_dir(prefect_harness,
     assert "Retry" not in done.stdout + done.stderr  # a full disk is not retried
     (round_0,) = (tmp_path / "runs" / "prefloop").glob("*/round_0")
     assert list(round_0.iterdir()) == []  # neither eval/ nor eval.tmp-*
+
+
+def test_main_command_waits_long_enough_for_prefects_first_server_start():
+    """Prefect waits 20 s for its temporary server by default, which a fresh machine's first
+    start overran (session 13); importing the flow raises the wait, and a user's setting wins."""
+    probe = ("import flows.iterate; from prefect.settings import get_current_settings; "
+             "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    root = Path(__file__).parents[2]
+    default = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
+    assert default.stdout.strip().splitlines()[-1] == "120", default.stderr
+    own = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True,
+                         env={**env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"})
+    assert own.stdout.strip().splitlines()[-1] == "45", own.stderr

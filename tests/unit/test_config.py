@@ -101,7 +101,8 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "expe
 
 def test_the_packaged_experiments_are_all_found():
     assert {"methods", "seva_ablation", "uvcot_ablation", "mpo_ablation", "reasoner_ablation",
-            "seva_tuning", "seva_recipe", "reasoner_tuning", "reasoner_recipe"} <= set(EXPERIMENTS)
+            "seva_tuning", "seva_recipe", "reasoner_tuning", "reasoner_recipe",
+            "uvcot_tuning", "mpo_tuning"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
