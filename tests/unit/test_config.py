@@ -102,7 +102,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "expe
 def test_the_packaged_experiments_are_all_found():
     assert {"methods", "seva_ablation", "uvcot_ablation", "mpo_ablation", "reasoner_ablation",
             "seva_tuning", "seva_recipe", "reasoner_tuning", "reasoner_recipe",
-            "uvcot_tuning", "mpo_tuning"} <= set(EXPERIMENTS)
+            "uvcot_tuning", "mpo_tuning", "mpo_recipe"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -113,7 +113,9 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
 
     cfg = compose("config", overrides=[f"experiment={experiment}"])
     ablation = OmegaConf.to_container(cfg.ablation)
-    assert cfg.experiment_name == experiment and len(ablation["variants"]) >= 2
+    # a table compares at least two rows: two variants, or one variant and its control
+    assert cfg.experiment_name == experiment
+    assert len(ablation["variants"]) + bool(ablation["control"]) >= 2
     # only the tuning experiment looks at the validation split; every other one reports on test
     assert cfg.eval.split == ("validation" if experiment.endswith("_tuning") else "test")
     assert set(ablation["control_for"] or []) <= set(ablation["variants"])
@@ -132,11 +134,12 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
 
 
 @pytest.mark.parametrize("overrides,expected", [(["method=reasoner"], 1000), (["method=seva"], 500),
-                                                (["method=mpo"], 500), (["method=reasoner", "queries_per_round=300"], 300),
+                                                (["method=mpo"], 2000), (["method=reasoner", "queries_per_round=300"], 300),
                                                 (["method=reasoner", "experiment=uvcot_ablation"], 200)])
 def test_a_method_can_re_default_the_round_size_and_the_command_line_wins(overrides, expected):
-    """conf/method/reasoner.yaml re-defaults queries_per_round to 1000 (README: the reasoner's
-    tuned recipe); every other method keeps the schema's 500; an override or experiment wins."""
+    """conf/method/reasoner.yaml re-defaults queries_per_round to 1000 and conf/method/mpo.yaml
+    to 2000 (README: their tuned recipes); seva keeps the schema's 500; an override or
+    experiment wins."""
     assert compose("config", overrides=overrides).queries_per_round == expected
 
 
