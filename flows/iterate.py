@@ -31,6 +31,10 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefloop")
 # cores took longer and the main command failed with "Timed out while attempting to connect
 # to ephemeral Prefect API server" (session 13). A user's own setting still wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# The temporary server's anonymous telemetry heartbeat runs while the server is still
+# migrating its sqlite database and logs a "database is locked" traceback at every start
+# (session 14); it cannot reach the internet on an offline machine anyway.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -207,13 +207,17 @@ def test_cli_full_disk_is_one_message_and_leaves_no_partial_dir(prefect_harness,
 
 def test_main_command_waits_long_enough_for_prefects_first_server_start():
     """Prefect waits 20 s for its temporary server by default, which a fresh machine's first
-    start overran (session 13); importing the flow raises the wait, and a user's setting wins."""
+    start overran (session 13); importing the flow raises the wait and turns off the server's
+    telemetry heartbeat (a "database is locked" traceback at every start, session 14), and a
+    user's own settings win."""
     probe = ("import flows.iterate; from prefect.settings import get_current_settings; "
-             "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+             "s = get_current_settings().server; "
+             "print(s.ephemeral.startup_timeout_seconds, s.analytics_enabled)")
+    ours = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     root = Path(__file__).parents[2]
     default = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
-    assert default.stdout.strip().splitlines()[-1] == "120", default.stderr
+    assert default.stdout.strip().splitlines()[-1] == "120 False", default.stderr
     own = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True,
-                         env={**env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"})
-    assert own.stdout.strip().splitlines()[-1] == "45", own.stderr
+                         env={**env, ours[0]: "45", ours[1]: "true"})
+    assert own.stdout.strip().splitlines()[-1] == "45 True", own.stderr
