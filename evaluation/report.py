@@ -162,9 +162,20 @@ def summarise_variants(runs: list[dict]) -> list[dict]:
             row["control"] = control
             row["vs_control"] = mean_se([finals[label][s]["accuracy"] - finals[control][s]["accuracy"]
                                          for s in finals[label] if s in finals[control]])
+        chain = [r for r in group if BOX_COT in r["rounds"][0] and BOX_COT in r["rounds"][last]]
+        if chain:  # UV-CoT's own inference (box -> crop -> answer), paired by seed like the greedy gain
+            row["box_cot_gain"] = mean_se([r["rounds"][last][BOX_COT] - r["rounds"][0][BOX_COT] for r in chain])
+            if control:  # against the control's greedy answers: its own way of answering
+                row["box_cot_vs_control"] = mean_se([finals[label][s][BOX_COT] - finals[control][s]["accuracy"]
+                                                     for s in finals[label] if s in finals[control]
+                                                     and BOX_COT in finals[label][s]])
         rows.append(row)
     return rows
 
+
+# UV-CoT's inference through its chain (evaluation/boxcot.py): its gain over round 0 gets columns
+# of its own, since the chain, not the direct answer, is how a UV-CoT model answers (seeds/uv-cot.txt).
+BOX_COT = "box_cot/accuracy"
 
 # Metrics some runs have (re-ranking, box-CoT): a column each when any variant reports them.
 # Mean judge score of the final round's chosen / rejected responses (tasks/pair.judge_score_means):
@@ -195,15 +206,21 @@ def _cell(stat: tuple[float, float] | None, digits: int = 3) -> str:
 def variants_table(rows: list[dict]) -> str:
     """Markdown: greedy accuracy per round (mean ± SE over seeds), the final round's gain over
     round 0 and over the continued-SFT control (paired by seed), sampled accuracy, malformed
-    rates, and pairs / optimizer steps / reward margin of the last round."""
+    rates, and pairs / optimizer steps / reward margin of the last round; for runs that
+    evaluate UV-CoT's chain, its accuracy and gains (over round 0 and over the control's
+    greedy accuracy) too."""
     rounds = max((len(r["rounds"]) for r in rows), default=0)
     header = ["variant", "seeds", *[f"round {i}" for i in range(rounds)], "final − base", "vs base",
               "final − control", "vs control", "sampled acc (0 → final)", "malformed greedy / sampled (final)",
               "pairs", "steps", "reward margin"]
-    optional = [m for m in OPTIONAL_COLUMNS if any((m, r["rounds"][-1]) in r for r in rows)]
+    chain = any("box_cot_gain" in r for r in rows)  # then the chain's own columns below show box-CoT
+    optional = [m for m in OPTIONAL_COLUMNS if any((m, r["rounds"][-1]) in r for r in rows)
+                and not (chain and m == BOX_COT)]
     header += [f"{OPTIONAL_COLUMNS[m]} (final)" for m in optional]
     pair_scores = any((PAIR_SCORES[0], r["rounds"][-1]) in r for r in rows)
     header += ["judge score chosen / rejected (final)"] if pair_scores else []
+    header += ["box-CoT acc (0 → final)", "box-CoT final − base", "vs base",
+               "box-CoT final − control (greedy)", "vs control"] if chain else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         last = row["rounds"][-1]
@@ -220,6 +237,11 @@ def variants_table(rows: list[dict]) -> str:
         if pair_scores:
             chosen, rejected = (row.get((m, last)) for m in PAIR_SCORES)
             cells.append(f"{_cell(chosen, 2)} / {_cell(rejected, 2)}" if chosen else "")
+        if chain:
+            gain, vs = row.get("box_cot_gain"), row.get("box_cot_vs_control")
+            cells += [f"{_cell(row.get((BOX_COT, 0)))} → {_cell(row.get((BOX_COT, last)))}" if gain else "",
+                      _cell(gain) if gain else "", verdict(*gain) if gain else "",
+                      _cell(vs) if vs else "", verdict(*vs) if vs else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -98,7 +98,7 @@ class EvalSchema:
     rerank_temperature: float = 1.0
     rerank_beta: float = 0.1
     # Box-CoT evaluation (methods with eval_box_cot, i.e. uvcot) runs on the first N items.
-    box_cot_size: int = 300
+    box_cot_size: int = 1000
     # Sampled accuracy: one answer per item at this temperature (0 = off), seeded by seed and
     # round so every round's sample uses the same random stream.
     sampled_temperature: float = 1.0
@@ -191,6 +191,17 @@ class AblationSchema:
 
 
 @dataclass
+class TinyFormatsSchema:
+    """Shares of the embedded base's SFT queries taught in a method's prompt formats
+    (models/tiny_formats.py), read by conf/model/tiny.yaml. A method whose prompts a base must
+    have learnt selects them (conf/method/uvcot.yaml: conf/tiny_formats/uvcot.yaml), as a hub
+    VLM's SFT mix teaches boxes; a hub model ignores them."""
+
+    box_share: float = 0.0
+    cot_share: float = 0.0
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     model: ModelSchema = MISSING
@@ -209,13 +220,16 @@ class Config:
     fault: FaultSchema = field(default_factory=FaultSchema)
     label: Optional[str] = None  # a run's variant name in an experiment report (set by flows/ablate.py)
     ablation: AblationSchema = field(default_factory=AblationSchema)
+    tiny_formats: TinyFormatsSchema = field(default_factory=TinyFormatsSchema)
 
 
 # Keys that do not change results: left out of the run key so they can vary freely.
 # ``rounds`` is out too: round i always uses the i-th slice of queries_per_round queries,
 # so asking for more rounds extends a finished run instead of starting over.
-# ``generate`` is keyed separately (``generate_key``).
-NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault", "generate", "label", "ablation")
+# ``generate`` is keyed separately (``generate_key``). ``tiny_formats`` acts only through the
+# model.tiny values it sets, which the key includes (a hub model ignores it).
+NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fault", "generate", "label", "ablation",
+                   "tiny_formats")
 
 
 class ConfigError(ValueError):

@@ -129,18 +129,37 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
             assert control["train"]["steps_per_round"] == [1] * variant["rounds"]
             # the same queries: experiment=methods' reasoner variant sets no round size, its method does
             assert control["queries_per_round"] == variant["queries_per_round"]
+            # the same base model: experiment=methods' uvcot variant sets no SFT formats, its method does
+            assert control["model"]["tiny"] == variant["model"]["tiny"]
             assert {k: v for k, v in control["train"].items() if k != "steps_per_round"} == \
                 {k: v for k, v in variant["train"].items() if k != "steps_per_round"}
 
 
 @pytest.mark.parametrize("overrides,expected", [(["method=reasoner"], 1000), (["method=seva"], 500),
-                                                (["method=mpo"], 2000), (["method=reasoner", "queries_per_round=300"], 300),
+                                                (["method=mpo"], 2000), (["method=uvcot"], 1000),
+                                                (["method=reasoner", "queries_per_round=300"], 300),
                                                 (["method=reasoner", "experiment=uvcot_ablation"], 200)])
 def test_a_method_can_re_default_the_round_size_and_the_command_line_wins(overrides, expected):
     """conf/method/reasoner.yaml re-defaults queries_per_round to 1000 and conf/method/mpo.yaml
     to 2000 (README: their tuned recipes); seva keeps the schema's 500; an override or
     experiment wins."""
     assert compose("config", overrides=overrides).queries_per_round == expected
+
+
+@pytest.mark.parametrize("overrides,shares", [(["method=uvcot"], (0.2, 0.1)), (["method=seva"], (0.0, 0.0)),
+                                              (["method=uvcot", "tiny_formats.box_share=0.3"], (0.3, 0.1)),
+                                              (["method=uvcot", "model.tiny.sft_box_share=0"], (0.0, 0.1))])
+def test_a_method_selects_the_formats_its_embedded_base_learns(overrides, shares):
+    """conf/method/uvcot.yaml makes the tiny base learn UV-CoT's box chain on part of its SFT
+    mix (conf/tiny_formats/uvcot.yaml); other methods keep the plain base; the command line wins."""
+    tiny = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)["model"]["tiny"]
+    assert (tiny["sft_box_share"], tiny["sft_cot_share"]) == shares
+
+
+def test_a_hub_model_ignores_the_tiny_formats():
+    cfg = OmegaConf.to_container(compose("config", overrides=["method=uvcot", "model=llava7b"]), resolve=True)
+    assert cfg["model"]["tiny"] is None
+    assert cfg["tiny_formats"] == {"box_share": 0.2, "cot_share": 0.1}
 
 
 def test_an_experiment_variant_interpolates_its_own_run_settings():

@@ -112,3 +112,25 @@ def test_judge_score_means_leave_out_anchors_and_unscored_pairs():
     assert judge_score_means(pairs) == {"judge_score_chosen": pytest.approx(2 / 3),
                                         "judge_score_rejected": pytest.approx(1 / 3)}
     assert judge_score_means([]) == {}
+
+
+def test_box_cot_gains_are_paired_over_base_and_against_the_controls_greedy_answers(tmp_path):
+    """UV-CoT answers through its chain: the table shows the chain's accuracy from round 0 to
+    the final round, its paired gain, and its final accuracy minus the control's greedy one."""
+    root = tmp_path / "exp"
+    for seed, (base, final, control) in enumerate([(0.43, 0.50, 0.52), (0.45, 0.51, 0.50), (0.44, 0.52, 0.53)]):
+        run = make_run(root, "uvcot", seed, [0.47, 0.47, 0.47], method="methods.uvcot.UVCoT")
+        for i, chain in ((0, base), (2, final)):
+            manifest = run / f"round_{i}" / "eval" / "manifest.json"
+            metrics = json.loads(manifest.read_text())["metrics"] | {"box_cot/accuracy": chain}
+            manifest.write_text(json.dumps({"metrics": metrics}))
+        make_run(root, "control (uvcot)", seed, [0.47, 0.47, control], method="methods.sft_control.ContinuedSFT")
+    rows = {r["label"]: r for r in summarise_variants(collect_runs(tmp_path, "exp"))}
+    gain, se = rows["uvcot"]["box_cot_gain"]
+    assert gain == pytest.approx((0.07 + 0.06 + 0.08) / 3) and se == pytest.approx(mean_se([0.07, 0.06, 0.08])[1])
+    assert rows["uvcot"]["box_cot_vs_control"][0] == pytest.approx((-0.02 + 0.01 - 0.01) / 3)
+    assert "box_cot_gain" not in rows["control (uvcot)"]
+    table = variants_table(list(rows.values()))
+    assert "box-CoT final − base" in table and "box-CoT acc (final)" not in table  # one set of box-CoT columns
+    uvcot_line = next(line for line in table.splitlines() if line.startswith("| uvcot |"))
+    assert "0.440 ± 0.006 → 0.510 ± 0.006 | 0.070 ± 0.006 | above (> 2 SE) | -0.007 ± 0.009 | within 2 SE |" in uvcot_line
