@@ -77,5 +77,15 @@ def moco_style(image, rng, strength: float = 0.5):
     return out
 
 
-IMAGE_AUGMENTATIONS = {"flip": horizontal_flip, "crop": random_resized_crop, "moco": moco_style}
+def erase(image, rng, strength: float = 1.0):
+    """Paint the whole image in its background colour (the top-left pixel's): the question
+    stays, the visual evidence goes, so the answer is the policy's blind guess. The limit of
+    SeVa's strongest noise (no signal left) without its out-of-distribution pixels; not one of
+    the paper's augmentations (README: SeVa probes)."""
+    from PIL import Image
+
+    return Image.new(image.mode, image.size, image.getpixel((0, 0)))
+
+
+IMAGE_AUGMENTATIONS = {"flip": horizontal_flip, "crop": random_resized_crop, "moco": moco_style, "erase": erase}
 AUGMENTATIONS = ("diffusion", *IMAGE_AUGMENTATIONS)

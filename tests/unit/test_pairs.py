@@ -138,3 +138,14 @@ def test_seva_rejects_unknown_augmentation():
 
     with pytest.raises(ValueError, match="choose one or more of"):
         SeVa(augmentations=["blurr"])
+
+
+def test_erase_leaves_only_the_background():
+    import random
+
+    from evaluation.suites.shapes import make_queries
+    from methods.augment import erase
+
+    image = make_queries("train", 1, seed=0)[0]["image"]
+    out = erase(image, random.Random(0))
+    assert out.getcolors() == [(image.size[0] * image.size[1], image.getpixel((0, 0)))]
