@@ -152,7 +152,7 @@ def summarise_variants(runs: list[dict]) -> list[dict]:
                "seeds": sorted(r["seed"] for r in group), "rounds": list(range(last + 1))}
         for i in row["rounds"]:
             for metric in ("accuracy", "sampled/accuracy", "malformed_rate", "sampled/malformed_rate",
-                           "pair/pairs", "train/steps", "train/rewards/margin", *PAIR_SCORES, *OPTIONAL_COLUMNS):
+                           "pair/pairs", "train/steps", "train/rewards/margin", *PAIR_SCORES, *OPTIONAL_COLUMNS, BOX_COT):
                 values = [r["rounds"][i][metric] for r in group if metric in r["rounds"][i]]
                 if values:
                     row[(metric, i)] = mean_se(values)
@@ -177,12 +177,12 @@ def summarise_variants(runs: list[dict]) -> list[dict]:
 # of its own, since the chain, not the direct answer, is how a UV-CoT model answers (seeds/uv-cot.txt).
 BOX_COT = "box_cot/accuracy"
 
-# Metrics some runs have (re-ranking, box-CoT): a column each when any variant reports them.
+# Metrics some runs have (re-ranking): a column each when any variant reports them.
 # Mean judge score of the final round's chosen / rejected responses (tasks/pair.judge_score_means):
 # with the correctness judge, how often each side is right; one column when any variant has them.
 PAIR_SCORES = ("pair/judge_score_chosen", "pair/judge_score_rejected")
 OPTIONAL_COLUMNS = {"rerank/best_of_n": "best-of-N", "rerank/weighted_vote": "weighted vote",
-                    "rerank/majority_vote": "majority vote", "box_cot/accuracy": "box-CoT acc"}
+                    "rerank/majority_vote": "majority vote"}
 
 
 def verdict(mean: float, se: float) -> str:
@@ -213,12 +213,11 @@ def variants_table(rows: list[dict]) -> str:
     header = ["variant", "seeds", *[f"round {i}" for i in range(rounds)], "final − base", "vs base",
               "final − control", "vs control", "sampled acc (0 → final)", "malformed greedy / sampled (final)",
               "pairs", "steps", "reward margin"]
-    chain = any("box_cot_gain" in r for r in rows)  # then the chain's own columns below show box-CoT
-    optional = [m for m in OPTIONAL_COLUMNS if any((m, r["rounds"][-1]) in r for r in rows)
-                and not (chain and m == BOX_COT)]
+    optional = [m for m in OPTIONAL_COLUMNS if any((m, r["rounds"][-1]) in r for r in rows)]
     header += [f"{OPTIONAL_COLUMNS[m]} (final)" for m in optional]
     pair_scores = any((PAIR_SCORES[0], r["rounds"][-1]) in r for r in rows)
     header += ["judge score chosen / rejected (final)"] if pair_scores else []
+    chain = any("box_cot_gain" in r for r in rows)
     header += ["box-CoT acc (0 → final)", "box-CoT final − base", "vs base",
                "box-CoT final − control (greedy)", "vs control"] if chain else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

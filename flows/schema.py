@@ -98,7 +98,7 @@ class EvalSchema:
     rerank_temperature: float = 1.0
     rerank_beta: float = 0.1
     # Box-CoT evaluation (methods with eval_box_cot, i.e. uvcot) runs on the first N items.
-    box_cot_size: int = 1000
+    box_cot_size: int = 300
     # Sampled accuracy: one answer per item at this temperature (0 = off), seeded by seed and
     # round so every round's sample uses the same random stream.
     sampled_temperature: float = 1.0

@@ -156,6 +156,16 @@ def test_a_method_selects_the_formats_its_embedded_base_learns(overrides, shares
     assert (tiny["sft_box_share"], tiny["sft_cot_share"]) == shares
 
 
+@pytest.mark.parametrize("overrides,size", [(["method=uvcot"], 1000), (["method=uvcot", "eval.size=400"], 400),
+                                            (["method=seva"], 300), (["experiment=uvcot_ablation"], 300)])
+def test_uvcot_evaluates_its_chain_on_every_held_out_item(overrides, size):
+    """conf/method/uvcot.yaml selects conf/box_cot_size/all.yaml (the chain's gain is reported
+    next to greedy accuracy's, on the same items); the eval group's 300 stays for every other
+    run, so their run keys do not move; uvcot_ablation pins the 300 its table used."""
+    cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    assert cfg["eval"]["box_cot_size"] == size
+
+
 def test_a_hub_model_ignores_the_tiny_formats():
     cfg = OmegaConf.to_container(compose("config", overrides=["method=uvcot", "model=llava7b"]), resolve=True)
     assert cfg["model"]["tiny"] is None
