@@ -17,6 +17,16 @@ those pairs alone lowers that answer for every image (measured: count answers "o
 of 200 in three rounds, accuracy 0.624 -> 0.567). The anchors hold the answers the policy
 already gives where noise does not change them.
 
+``temperature`` (0 by default: greedy on both images, as the released code decodes,
+data/step2/generate_with_aug.py) > 0 samples one answer per image instead. Why it matters: a
+greedy chosen is already the policy's argmax, so DPO on greedy pairs only sharpens it and moves
+other answers by a shift of the answer prior. With sampled answers the expected push on answer
+y for image I is proportional to p(y | I) - p(y | T(I)) (a pair forms, chosen y, whenever the
+augmented sample differs): it raises the answers the image supports more than the augmented
+view does, per image, which is the contrast visual contrastive decoding (SeVa's ref. [17])
+applies at decoding time. The NLL of a sampled chosen has zero expected gradient, so
+``loss=dpo_nll`` only steadies it.
+
 With several ``augmentations`` (e.g. [diffusion, crop, moco]) each gives one rejected
 candidate; the first answer that differs from the chosen one is ``rejected`` and the other
 differing answers go to ``rejected_extra``, for SeVa's multi-negative DPO (appendix, eq. 18).
@@ -40,6 +50,7 @@ class SeVa:
     strength: float = 0.5  # crop / moco strength in [0, 1]
     max_new_tokens: int = 8
     anchor_equal: bool = False  # keep equal-answer queries as NLL-only anchors (docstring)
+    temperature: float = 0.0  # 0: greedy on both images (the released code); > 0: one sample each
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.augmentations if a not in AUGMENTATIONS]
@@ -47,13 +58,15 @@ class SeVa:
             raise ValueError(f"method.augmentations={self.augmentations}: choose one or more of {AUGMENTATIONS}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"method.strength={self.strength} must be in [0, 1]")
+        if self.temperature < 0:
+            raise ValueError(f"method.temperature={self.temperature} must be >= 0 (0 decodes greedily)")
 
     def generate(self, policy: Policy, queries: list[Query], seed: int) -> list[Candidate]:
         prompts = [user_prompt(q["question"]) for q in queries]
         images = [[q["image"]] for q in queries]
-        answers = {"none": policy.generate(prompts, images, max_new_tokens=self.max_new_tokens, label="seva clean")}
-        for aug in self.augmentations:
-            answers[aug] = self._augmented_answers(policy, prompts, images, aug, seed)
+        answers = {"none": policy.generate(prompts, images, label="seva clean", **self._decoding(seed))}
+        for i, aug in enumerate(self.augmentations, start=1):
+            answers[aug] = self._augmented_answers(policy, prompts, images, aug, seed, self._decoding(seed + i))
         return [
             Candidate(query_id=q["id"], candidate_id=f"{q['id']}/{aug}", prompt=prompt, response=texts[i][0],
                       extras={"augmentation": aug})
@@ -61,16 +74,22 @@ class SeVa:
             for aug, texts in answers.items()
         ]
 
-    def _augmented_answers(self, policy: Policy, prompts, images, aug: str, seed: int) -> list[list[str]]:
+    def _decoding(self, seed: int) -> dict:
+        """Generation arguments: greedy, or one sample at ``temperature`` from its own seed."""
+        if self.temperature == 0:
+            return {"max_new_tokens": self.max_new_tokens}
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": seed}
+
+    def _augmented_answers(self, policy: Policy, prompts, images, aug: str, seed: int,
+                           decoding: dict) -> list[list[str]]:
         label = f"seva {aug}"
         if aug == "diffusion":
             noise = DiffusionNoise(self.noise_step, seed=seed)
-            return policy.generate(prompts, images, max_new_tokens=self.max_new_tokens, pixel_transform=noise,
-                                   label=label)
+            return policy.generate(prompts, images, pixel_transform=noise, label=label, **decoding)
         rng = random.Random(f"{seed}-{aug}")
         augment = IMAGE_AUGMENTATIONS[aug]
         changed = [[augment(img, rng, self.strength) for img in imgs] for imgs in images]
-        return policy.generate(prompts, changed, max_new_tokens=self.max_new_tokens, label=label)
+        return policy.generate(prompts, changed, label=label, **decoding)
 
     def pair(self, scored: list[Scored], queries: dict[str, Query], seed: int) -> tuple[list[Pair], dict]:
         by_query: dict[str, dict[str, Scored]] = {}

@@ -149,3 +149,31 @@ def test_erase_leaves_only_the_background():
     image = make_queries("train", 1, seed=0)[0]["image"]
     out = erase(image, random.Random(0))
     assert out.getcolors() == [(image.size[0] * image.size[1], image.getpixel((0, 0)))]
+
+
+class _RecordingPolicy:
+    """Answers "red" to everything and records how each generate call decoded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, images, **decoding):
+        self.calls.append(decoding)
+        return [["red"] for _ in prompts]
+
+
+def test_seva_decodes_greedily_by_default_and_samples_each_view_from_its_own_seed():
+    import pytest
+
+    queries = [_query("a"), _query("b")]
+    greedy = _RecordingPolicy()
+    SeVa(augmentations=["flip", "crop"]).generate(greedy, queries, seed=5)
+    assert all("temperature" not in call and "seed" not in call for call in greedy.calls)
+
+    sampled = _RecordingPolicy()
+    SeVa(augmentations=["flip", "crop"], temperature=1.0).generate(sampled, queries, seed=5)
+    assert [c["temperature"] for c in sampled.calls] == [1.0, 1.0, 1.0]  # clean, flip, crop
+    assert len({c["seed"] for c in sampled.calls}) == 3  # independent samples per view
+
+    with pytest.raises(ValueError, match="method.temperature"):
+        SeVa(temperature=-0.5)
