@@ -38,7 +38,7 @@ from evaluation.suites.shapes import (
 )
 from models.logprobs import collate, completion_ids, encode_prompt, sequence_logps
 from models.progress import Progress
-from models.records import user_prompt
+from models.records import Query, user_prompt
 from models.tiny_formats import format_item, item_kinds
 
 log = logging.getLogger("prefloop")
@@ -89,7 +89,10 @@ METHOD_TEXT = [
 
 
 # TinySpec fields added after bases were cached, with their off values (see TinySpec.key).
-LATER_OPTIONS = {"sft_box_share": 0.0, "sft_cot_share": 0.0}
+LATER_OPTIONS = {"sft_box_share": 0.0, "sft_cot_share": 0.0, "sft_skew_steps": 0}
+# Options added after run keys existed: flows/iterate.run_key leaves them out at these values,
+# so the runs measured before them keep their keys (and are reused, not recomputed).
+RUN_KEY_NEUTRAL = {"sft_skew_steps": 0}
 
 
 @dataclass
@@ -113,6 +116,11 @@ class TinySpec:
     # "red" is 60 % of colour answers instead of 25 %), so the base has a skewed answer prior;
     # it is evaluated on the balanced test split (evaluation/suites/shapes.skewed_queries).
     sft_favoured_share: float = 0.0
+    # > 0 (with sft_favoured_share): only the last sft_skew_steps SFT steps draw from the skewed
+    # answers, the earlier ones from balanced answers. The base then perceives what a balanced
+    # base perceives and carries the skewed prior on top of it, as a VLM instruction-tuned last
+    # on a yes-heavy mix does; trained on skewed answers throughout, it learns less (README).
+    sft_skew_steps: int = 0
     # > 0: shares of the SFT queries taught as UV-CoT box chains / MPO CoT answers instead of
     # plain answers, the formats a hub VLM's SFT mix teaches (models/tiny_formats.py)
     sft_box_share: float = 0.0
@@ -229,17 +237,28 @@ def build_model(spec: TinySpec, tokenizer):
     return model
 
 
+def sft_phases(spec: TinySpec) -> list[tuple[int, list[Query]]]:
+    """(first SFT step, the queries it draws from) for each phase of the base's SFT: balanced
+    answers, skewed answers (``sft_favoured_share``), or balanced then skewed for the last
+    ``sft_skew_steps`` steps."""
+    if not 0 <= spec.sft_skew_steps <= spec.sft_steps:
+        raise ValueError(f"model.tiny.sft_skew_steps={spec.sft_skew_steps} must be in [0, sft_steps={spec.sft_steps}]")
+    if spec.sft_skew_steps and not spec.sft_favoured_share:
+        raise ValueError("model.tiny.sft_skew_steps > 0 needs model.tiny.sft_favoured_share > 0 (the skewed answers)")
+    if spec.sft_favoured_share == 0:
+        return [(0, make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()))]
+    skewed = skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
+    if spec.sft_skew_steps in (0, spec.sft_steps):
+        return [(0, skewed)]
+    balanced = make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
+    return [(0, balanced), (spec.sft_steps - spec.sft_skew_steps, skewed)]
+
+
 def sft(model, processor, spec: TinySpec) -> dict:
     """Next-token SFT on ground-truth targets (plain answers, plus the format items of
     models/tiny_formats.py when their shares are set): AdamW, linear warm-up, cosine decay."""
-    if spec.sft_favoured_share > 0:
-        queries = skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
-    else:
-        queries = make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
-    kinds = item_kinds(len(queries), spec.sft_box_share, spec.sft_cot_share, spec.seed)
-    items = [format_item(q, kind) for q, kind in zip(queries, kinds)]
-    prompts = [encode_prompt(processor, prompt, images) for prompt, images, _ in items]
-    answers = [completion_ids(processor.tokenizer, target) for _, _, target in items]
+    phases = sft_phases(spec)
+    encoded = [_encode_sft_items(processor, queries, spec) for _, queries in phases]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     warmup = max(1, spec.sft_steps // 20)
 
@@ -254,9 +273,13 @@ def sft(model, processor, spec: TinySpec) -> dict:
     model.train()
     progress = Progress("tiny sft", spec.sft_steps, unit="steps")
     losses = []
-    for _ in range(spec.sft_steps):
+    for step in range(spec.sft_steps):
+        phase = max(i for i, (first, _) in enumerate(phases) if step >= first)
+        if step == phases[phase][0] and phase > 0:
+            order = []  # a new phase starts a fresh pass over its own queries
+        prompts, answers = encoded[phase]
         if len(order) < spec.sft_batch_size:
-            order += rng.sample(range(len(queries)), len(queries))
+            order += rng.sample(range(len(prompts)), len(prompts))
         idx, order = order[: spec.sft_batch_size], order[spec.sft_batch_size :]
         batch = collate([prompts[i] for i in idx], [answers[i] for i in idx], processor.tokenizer.pad_token_id)
         logp, n = sequence_logps(model, batch)
@@ -270,6 +293,16 @@ def sft(model, processor, spec: TinySpec) -> dict:
         progress.update(1, loss=loss.item())
     model.eval()
     return {"sft_final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+def _encode_sft_items(processor, queries, spec: TinySpec) -> tuple[list, list]:
+    """Prompt and target ids of the SFT items built from ``queries`` (plain answers, plus the
+    box-chain and CoT formats at their shares)."""
+    kinds = item_kinds(len(queries), spec.sft_box_share, spec.sft_cot_share, spec.seed)
+    items = [format_item(q, kind) for q, kind in zip(queries, kinds)]
+    prompts = [encode_prompt(processor, prompt, images) for prompt, images, _ in items]
+    answers = [completion_ids(processor.tokenizer, target) for _, _, target in items]
+    return prompts, answers
 
 
 def quick_accuracy(model, processor, spec: TinySpec) -> float:

@@ -186,3 +186,19 @@ def test_an_experiment_variant_interpolates_its_own_run_settings():
         run = compose_run(["experiment=uvcot_ablation", *overrides, f"seed={seed}"])
         assert run["judge"]["model"]["tiny"]["seed"] == seed
         assert run["judge"]["model"]["tiny"]["suite"] == run["data"]["source"]["suite"]
+
+
+def test_a_later_tiny_option_at_its_off_value_leaves_the_run_key_unchanged():
+    """Runs measured before model.tiny.sft_skew_steps existed keep their keys (and are reused)."""
+    import copy
+
+    from flows.iterate import run_key
+
+    cfg = OmegaConf.to_container(compose("config", overrides=["method=seva"]), resolve=True)
+    without = copy.deepcopy(cfg)
+    del without["model"]["tiny"]["sft_skew_steps"]
+    assert cfg["model"]["tiny"]["sft_skew_steps"] == 0
+    assert run_key(cfg) == run_key(without)
+    skewed = copy.deepcopy(cfg)
+    skewed["model"]["tiny"].update(sft_favoured_share=0.7, sft_skew_steps=300)
+    assert run_key(skewed) != run_key(dict(cfg, model=dict(cfg["model"], tiny=dict(cfg["model"]["tiny"], sft_favoured_share=0.7))))

@@ -71,3 +71,31 @@ def test_a_base_with_format_items_builds_and_gets_its_own_cache_key(tmp_path):
     assert TinySpec().key() == "83e6c9b4a7e1"
     built = ensure_tiny(mixed, tmp_path)  # batches mix one-image and two-image (crop) prompts
     assert (built / "manifest.json").exists()
+
+
+def test_sft_phases_balanced_skewed_or_balanced_then_skewed():
+    from evaluation.suites.shapes import favoured_answer
+    from models.tiny import TinySpec, sft_phases
+
+    def favoured_share(queries):
+        spec = TinySpec().shapes()
+        return sum(q["answer"] == favoured_answer(q["qtype"], spec) for q in queries) / len(queries)
+
+    plain = sft_phases(TinySpec(sft_steps=10, sft_queries=200))
+    skewed = sft_phases(TinySpec(sft_steps=10, sft_queries=200, sft_favoured_share=0.8))
+    late = sft_phases(TinySpec(sft_steps=10, sft_queries=200, sft_favoured_share=0.8, sft_skew_steps=3))
+    assert [first for first, _ in plain] == [0] and [first for first, _ in skewed] == [0]
+    assert [first for first, _ in late] == [0, 7]  # the last 3 of 10 steps draw skewed answers
+    assert late[0][1] == plain[0][1] and late[1][1] == skewed[0][1]
+    assert favoured_share(skewed[0][1]) > 0.75 > favoured_share(plain[0][1])
+
+
+def test_sft_skew_steps_need_a_skew_and_fit_in_the_steps():
+    import pytest
+
+    from models.tiny import TinySpec, sft_phases
+
+    with pytest.raises(ValueError, match="needs model.tiny.sft_favoured_share"):
+        sft_phases(TinySpec(sft_steps=10, sft_queries=50, sft_skew_steps=3))
+    with pytest.raises(ValueError, match="must be in"):
+        sft_phases(TinySpec(sft_steps=10, sft_queries=50, sft_favoured_share=0.6, sft_skew_steps=11))
