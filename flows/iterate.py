@@ -42,8 +42,7 @@ from prefect import flow
 
 from flows.checks import check_data, hide_user_error_tracebacks, is_user_error, user_message
 from flows.runners import with_task_runner
-from flows.schema import NON_RESULT_KEYS, generate_key, register, validate
-from models.tiny import RUN_KEY_NEUTRAL
+from flows.schema import KEY_NEUTRAL_DEFAULTS, NON_RESULT_KEYS, generate_key, register, validate
 from models.load import check_available
 from tasks import tracking
 from tasks.artifacts import read_manifest
@@ -63,13 +62,22 @@ def run_key(cfg: dict) -> str:
     # Where training runs does not change what it computes (tests/integration/test_distributed_train.py:
     # 2 ranks match one process to 1e-6), so the launcher settings stay out of the key.
     relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in LAUNCH_KEYS}
-    if cfg["model"].get("tiny"):
-        tiny = {k: v for k, v in cfg["model"]["tiny"].items()
-                if not (k in RUN_KEY_NEUTRAL and v == RUN_KEY_NEUTRAL[k])}
-        relevant["model"] = {**cfg["model"], "tiny": tiny}
+    for path, off in KEY_NEUTRAL_DEFAULTS.items():
+        relevant = _without(relevant, path, off)
     if generate_key(cfg):
         relevant["generate"] = generate_key(cfg)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _without(tree: dict, path: tuple, off) -> dict:
+    """``tree`` without the entry at ``path`` when it holds ``off``; copies only along the path."""
+    head, *rest = path
+    node = tree.get(head)
+    if rest and isinstance(node, dict):
+        return {**tree, head: _without(node, tuple(rest), off)}
+    if not rest and head in tree and node == off:
+        return {k: v for k, v in tree.items() if k != head}
+    return tree
 
 
 @flow(name="iterate")

@@ -90,9 +90,6 @@ METHOD_TEXT = [
 
 # TinySpec fields added after bases were cached, with their off values (see TinySpec.key).
 LATER_OPTIONS = {"sft_box_share": 0.0, "sft_cot_share": 0.0, "sft_skew_steps": 0}
-# Options added after run keys existed: flows/iterate.run_key leaves them out at these values,
-# so the runs measured before them keep their keys (and are reused, not recomputed).
-RUN_KEY_NEUTRAL = {"sft_skew_steps": 0}
 
 
 @dataclass
@@ -128,6 +125,12 @@ class TinySpec:
     check_queries: int = 300
     seed: int = 0
     suite: dict = field(default_factory=dict)  # ShapesSpec overrides
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sft_skew_steps <= self.sft_steps:
+            raise ValueError(f"model.tiny.sft_skew_steps={self.sft_skew_steps} must be in [0, sft_steps={self.sft_steps}]")
+        if self.sft_skew_steps and not self.sft_favoured_share:
+            raise ValueError("model.tiny.sft_skew_steps > 0 needs model.tiny.sft_favoured_share > 0 (the skewed answers)")
 
     @classmethod
     def from_config(cls, cfg: dict) -> "TinySpec":
@@ -241,10 +244,6 @@ def sft_phases(spec: TinySpec) -> list[tuple[int, list[Query]]]:
     """(first SFT step, the queries it draws from) for each phase of the base's SFT: balanced
     answers, skewed answers (``sft_favoured_share``), or balanced then skewed for the last
     ``sft_skew_steps`` steps."""
-    if not 0 <= spec.sft_skew_steps <= spec.sft_steps:
-        raise ValueError(f"model.tiny.sft_skew_steps={spec.sft_skew_steps} must be in [0, sft_steps={spec.sft_steps}]")
-    if spec.sft_skew_steps and not spec.sft_favoured_share:
-        raise ValueError("model.tiny.sft_skew_steps > 0 needs model.tiny.sft_favoured_share > 0 (the skewed answers)")
     if spec.sft_favoured_share == 0:
         return [(0, make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()))]
     skewed = skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
