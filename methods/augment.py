@@ -87,5 +87,22 @@ def erase(image, rng, strength: float = 1.0):
     return Image.new(image.mode, image.size, image.getpixel((0, 0)))
 
 
-IMAGE_AUGMENTATIONS = {"flip": horizontal_flip, "crop": random_resized_crop, "moco": moco_style, "erase": erase}
+def hue_rotation(image, rng, strength: float = 0.5):
+    """Rotate every pixel's hue by strength x 180 degrees, clockwise or anticlockwise at random;
+    grey pixels (saturation 0) stay. Unlike noise, it keeps the evidence and changes what it
+    says: a red object turns green or purple, so the policy's answer on the rotated image is a
+    *different* colour for each image, not one blind guess for the whole question type
+    (README: seva_hue_tuning). Not one of the paper's augmentations; the colour jitter in
+    MoCo v2's (hue up to +-0.1 of the circle) is its weak form."""
+    from PIL import Image
+
+    shift = round(rng.choice((-1, 1)) * strength * 128)  # PIL's hue runs over 0..255
+    h, s, v = image.convert("HSV").split()
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert(image.mode)
+
+
+IMAGE_AUGMENTATIONS = {
+    "flip": horizontal_flip, "crop": random_resized_crop, "moco": moco_style, "erase": erase, "hue": hue_rotation,
+}
 AUGMENTATIONS = ("diffusion", *IMAGE_AUGMENTATIONS)

@@ -151,6 +151,23 @@ def test_erase_leaves_only_the_background():
     assert out.getcolors() == [(image.size[0] * image.size[1], image.getpixel((0, 0)))]
 
 
+def test_hue_rotation_moves_colours_to_other_hues_and_keeps_greys_and_layout():
+    import colorsys
+    import random
+
+    from methods.augment import hue_rotation
+
+    image = Image.new("RGB", (4, 4), (245, 245, 245))
+    image.putpixel((1, 2), (220, 40, 40))  # the suite's red
+    out = hue_rotation(image, random.Random(0), strength=2 / 3)
+    assert out.getpixel((0, 0)) == (245, 245, 245)  # grey background: no hue to turn
+    r, g, b = (c / 255 for c in out.getpixel((1, 2)))
+    hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+    assert min(abs(hue - 120), abs(hue - 240)) < 4  # red turned a third of the circle either way
+    unturned = hue_rotation(image, random.Random(0), strength=0.0).getpixel((1, 2))
+    assert max(abs(a - b) for a, b in zip(unturned, (220, 40, 40))) <= 2  # PIL's HSV round trip rounds
+
+
 class _RecordingPolicy:
     """Answers "red" to everything and records how each generate call decoded."""
 
