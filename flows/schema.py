@@ -234,7 +234,8 @@ NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fau
 # Options added after runs were keyed, with their off values: the run key leaves an option out
 # while it is off, so runs measured before it existed keep their keys (and are reused). Only
 # SeVa has a method.temperature that can be 0 (the reasoner's and judge_grpo's are > 0).
-KEY_NEUTRAL_DEFAULTS = {("model", "tiny", "sft_skew_steps"): 0, ("method", "temperature"): 0.0}
+KEY_NEUTRAL_DEFAULTS = {("model", "tiny", "sft_skew_steps"): 0, ("method", "temperature"): 0.0,
+                        ("method", "shared_noise"): False}
 
 
 class ConfigError(ValueError):

@@ -40,8 +40,14 @@ def generate(
     label: str = "generate",
     seed: int | None = None,
     pixel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reseed_per_batch: bool = False,
 ) -> list[list[str]]:
     """``num_samples`` responses per prompt; greedy when temperature == 0.
+
+    ``reseed_per_batch`` (with ``seed``) reseeds torch at every batch from ``seed`` and the
+    batch's first index, so two calls with the same seed and batch layout draw the same noise
+    for each prompt even when one call's earlier batches ran more decoding steps: common random
+    numbers, which SeVa's ``shared_noise`` uses to sample two views of an image alike.
 
     ``pixel_transform`` edits the processed (normalised) pixel tensor before the model sees
     it, which is where SeVa's released code applies its diffusion noise.
@@ -61,6 +67,8 @@ def generate(
         for start in range(0, len(texts), batch_size):
             batch_texts = texts[start : start + batch_size]
             batch_images = [img for imgs in images[start : start + batch_size] for img in imgs]
+            if seed is not None and reseed_per_batch:
+                torch.manual_seed(seed + start)
             inputs = processor(text=batch_texts, images=batch_images or None, padding=True, return_tensors="pt")
             if pixel_transform is not None:
                 inputs["pixel_values"] = pixel_transform(inputs["pixel_values"])

@@ -97,10 +97,12 @@ class VLLMPolicy:
         label: str = "generate",
         pixel_transform=None,
         batch_size: int | None = None,
+        reseed_per_batch: bool = False,
     ) -> list[list[str]]:
         """``num_samples`` responses per prompt (one list of stripped strings per prompt);
-        greedy when temperature == 0. ``batch_size`` is accepted for the shared contract and
-        ignored: vLLM schedules its own batches."""
+        greedy when temperature == 0. ``batch_size`` and ``reseed_per_batch`` are accepted for
+        the shared contract and ignored: vLLM schedules its own batches, and it already seeds
+        every request from ``seed`` (the same seed gives each prompt the same request seed)."""
         if pixel_transform is not None:
             raise ValueError("generate.backend=vllm cannot apply a pixel-tensor transform (SeVa's diffusion "
                              "noise): use method.augmentations=[crop] or [moco], or generate.backend=hf")

@@ -194,3 +194,29 @@ def test_seva_decodes_greedily_by_default_and_samples_each_view_from_its_own_see
 
     with pytest.raises(ValueError, match="method.temperature"):
         SeVa(temperature=-0.5)
+
+    shared = _RecordingPolicy()
+    SeVa(augmentations=["flip", "crop"], temperature=1.0, shared_noise=True).generate(shared, queries, seed=5)
+    assert {c["seed"] for c in shared.calls} == {5} and all(c["reseed_per_batch"] for c in shared.calls)
+    with pytest.raises(ValueError, match="shared_noise"):
+        SeVa(shared_noise=True)
+
+
+def test_shared_noise_samples_an_unchanged_view_identically(tiny_policy):
+    """A flip leaves a mirror-symmetric image unchanged: with shared noise its sampled answers
+    equal the clean ones query by query (no pair), across batches; with independent noise at a
+    high temperature some differ."""
+    from evaluation.suites.shapes import make_queries
+    from models.sampling import Policy
+
+    policy = Policy(*tiny_policy, batch_size=4)
+    queries = [dict(q, image=Image.new("RGB", q["image"].size, (245, 245, 245))) for q in make_queries("test", 10, seed=0)]
+
+    def differing(**options):
+        method = SeVa(augmentations=["flip"], temperature=3.0, **options)
+        cands = method.generate(policy, queries, seed=7)
+        by_view = {aug: [c["response"] for c in cands if c["extras"]["augmentation"] == aug] for aug in ("none", "flip")}
+        return sum(a != b for a, b in zip(by_view["none"], by_view["flip"]))
+
+    assert differing(shared_noise=True) == 0
+    assert differing() > 0
