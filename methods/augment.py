@@ -90,10 +90,10 @@ def erase(image, rng, strength: float = 1.0):
 def hue_rotation(image, rng, strength: float = 0.5):
     """Rotate every pixel's hue by strength x 180 degrees, clockwise or anticlockwise at random;
     grey pixels (saturation 0) stay. Unlike noise, it keeps the evidence and changes what it
-    says: a red object turns green or purple, so the policy's answer on the rotated image is a
-    *different* colour for each image, not one blind guess for the whole question type
-    (README: seva_hue_tuning). Not one of the paper's augmentations; the colour jitter in
-    MoCo v2's (hue up to +-0.1 of the circle) is its weak form."""
+    says: at strength 2/3 a red object turns green or blue, so the policy's answer on the
+    rotated image is a *different* colour for each image, not one blind guess for the whole
+    question type (README: seva_hue_tuning). Not one of the paper's augmentations; the colour
+    jitter in MoCo v2's (hue up to +-0.1 of the circle) is its weak form."""
     from PIL import Image
 
     shift = round(rng.choice((-1, 1)) * strength * 128)  # PIL's hue runs over 0..255
