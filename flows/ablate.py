@@ -58,16 +58,16 @@ def compose_run(overrides: list[str]) -> dict:
 
 def control_overrides(variant: list[str], variant_cfg: dict, steps: list[int]) -> list[str]:
     """Continued SFT on the same queries with the variant's train settings and, round by round,
-    exactly the optimizer steps the variant took (``train.steps_per_round``). The round size and
-    the embedded base's SFT formats are carried over explicitly: a method may re-default them
-    (conf/method/reasoner.yaml, uvcot.yaml), and sft_control would otherwise fall back to the
+    exactly the optimizer steps the variant took (``train.steps_per_round``). The round size, the
+    round count and the embedded base's SFT formats are carried over explicitly: a method may
+    re-default them (conf/method/reasoner.yaml, uvcot.yaml, seva.yaml), and sft_control would otherwise fall back to the
     schema's and train on other queries, or from another base."""
     kept = [o for o in variant if not o.split("=", 1)[0].split(".", 1)[0] in METHOD_KEYS]
     train = [f"train.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in variant_cfg["train"].items()
              if k != "steps_per_round"]
     formats = [f"tiny_formats.{k}={v}" for k, v in variant_cfg["tiny_formats"].items()]
     return [*kept, "method=sft_control", "loss=sft", *train, f"train.steps_per_round=[{','.join(map(str, steps))}]",
-            f"queries_per_round={variant_cfg['queries_per_round']}", *formats]
+            f"queries_per_round={variant_cfg['queries_per_round']}", f"rounds={variant_cfg['rounds']}", *formats]
 
 
 def finished_elsewhere(cfg: dict, key: str) -> Path | None:

@@ -128,6 +128,11 @@ class TrainSchema:
     # Keep as many A-over-B pairs as B-over-A pairs for every answer pair (methods/balance.py):
     # a round then cannot shift the answer prior, only which answer each image supports.
     balance_pairs: bool = False
+    # adamw | sgd (momentum 0.9). AdamW's first steps move every weight by about lr whatever its
+    # gradient's size (m / sqrt(v) is the gradient's sign at step 1), so a round of a few steps on
+    # a few pairs moves the model as far as one on thousands; an SGD step is proportional to the
+    # gradient, so weak or balanced evidence moves it little (models/trainer.optimizer_setup).
+    optimizer: str = "adamw"
 
 
 @dataclass
@@ -199,6 +204,9 @@ class TinyFormatsSchema:
 
     box_share: float = 0.0
     cot_share: float = 0.0
+    # questions about absent objects answered "unanswerable" (VizWiz's convention in LLaVA-1.5's
+    # SFT mix; method=seva selects it: conf/tiny_formats/seva.yaml)
+    unanswerable_share: float = 0.0
 
 
 @dataclass
@@ -234,8 +242,12 @@ NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fau
 # Options added after runs were keyed, with their off values: the run key leaves an option out
 # while it is off, so runs measured before it existed keep their keys (and are reused). Only
 # SeVa has a method.temperature that can be 0 (the reasoner's and judge_grpo's are > 0).
-KEY_NEUTRAL_DEFAULTS = {("model", "tiny", "sft_skew_steps"): 0, ("method", "temperature"): 0.0,
-                        ("method", "shared_noise"): False}
+KEY_NEUTRAL_DEFAULTS = {("model", "tiny", "sft_skew_steps"): 0, ("model", "tiny", "sft_unanswerable_share"): 0.0,
+                        ("train", "optimizer"): "adamw",
+                        ("method", "temperature"): 0.0, ("method", "shared_noise"): False}
+
+
+OPTIMIZERS = ("adamw", "sgd")  # models/trainer.optimizer_setup
 
 
 class ConfigError(ValueError):
@@ -293,6 +305,8 @@ def check_launcher(train: dict) -> None:
     """The choices a str field cannot express in the schema (OmegaConf has no Literal type)."""
     if train["launcher"] not in LAUNCHERS:
         raise ConfigError(f"train.launcher={train['launcher']!r} is not one of {', '.join(LAUNCHERS)}")
+    if train["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={train['optimizer']!r} is not one of {', '.join(OPTIMIZERS)}")
     if train["launcher"] == "accelerate":
         if train["num_processes"] < 1:
             raise ConfigError(f"train.num_processes={train['num_processes']} must be at least 1")

@@ -35,11 +35,13 @@ from evaluation.suites.shapes import (
     make_queries,
     skewed_queries,
     spec_from_config,
+    unanswerable_queries,
+    UNANSWERABLE,
 )
 from models.logprobs import collate, completion_ids, encode_prompt, sequence_logps
 from models.progress import Progress
 from models.records import Query, user_prompt
-from models.tiny_formats import format_item, item_kinds
+from models.tiny_formats import PLAIN, format_item, item_kinds
 
 log = logging.getLogger("prefloop")
 
@@ -89,7 +91,7 @@ METHOD_TEXT = [
 
 
 # TinySpec fields added after bases were cached, with their off values (see TinySpec.key).
-LATER_OPTIONS = {"sft_box_share": 0.0, "sft_cot_share": 0.0, "sft_skew_steps": 0}
+LATER_OPTIONS = {"sft_box_share": 0.0, "sft_cot_share": 0.0, "sft_skew_steps": 0, "sft_unanswerable_share": 0.0}
 
 
 @dataclass
@@ -122,6 +124,10 @@ class TinySpec:
     # plain answers, the formats a hub VLM's SFT mix teaches (models/tiny_formats.py)
     sft_box_share: float = 0.0
     sft_cot_share: float = 0.0
+    # > 0: this share of the SFT items asks about an object the image does not hold (colour,
+    # shape and position questions), answered "unanswerable", as VizWiz does in LLaVA-1.5's SFT
+    # mix; the suite's splits never ask such questions (evaluation/suites/shapes.unanswerable_queries)
+    sft_unanswerable_share: float = 0.0
     check_queries: int = 300
     seed: int = 0
     suite: dict = field(default_factory=dict)  # ShapesSpec overrides
@@ -129,6 +135,8 @@ class TinySpec:
     def __post_init__(self) -> None:
         if not 0 <= self.sft_skew_steps <= self.sft_steps:
             raise ValueError(f"model.tiny.sft_skew_steps={self.sft_skew_steps} must be in [0, sft_steps={self.sft_steps}]")
+        if not 0 <= self.sft_unanswerable_share < 1:
+            raise ValueError(f"model.tiny.sft_unanswerable_share={self.sft_unanswerable_share} must be in [0, 1)")
         if self.sft_skew_steps and not self.sft_favoured_share:
             raise ValueError("model.tiny.sft_skew_steps > 0 needs model.tiny.sft_favoured_share > 0 (the skewed answers)")
 
@@ -164,7 +172,7 @@ def build_tokenizer(spec: TinySpec):
         initial_alphabet=list(string.printable.strip() + "▁\n"),
         show_progress=False,
     )
-    lines = corpus(spec.shapes()) + METHOD_TEXT
+    lines = corpus(spec.shapes()) + METHOD_TEXT + ([UNANSWERABLE] if spec.sft_unanswerable_share else [])
     tok.train_from_iterator(lines * 20, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -245,12 +253,26 @@ def sft_phases(spec: TinySpec) -> list[tuple[int, list[Query]]]:
     answers, skewed answers (``sft_favoured_share``), or balanced then skewed for the last
     ``sft_skew_steps`` steps."""
     if spec.sft_favoured_share == 0:
-        return [(0, make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()))]
-    skewed = skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
+        return [(0, _with_unanswerable(make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()), spec))]
+    skewed = _with_unanswerable(
+        skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share), spec)
     if spec.sft_skew_steps in (0, spec.sft_steps):
         return [(0, skewed)]
-    balanced = make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
+    balanced = _with_unanswerable(make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()), spec)
     return [(0, balanced), (spec.sft_steps - spec.sft_skew_steps, skewed)]
+
+
+def _with_unanswerable(queries: list[Query], spec: TinySpec) -> list[Query]:
+    """``queries`` with a share ``sft_unanswerable_share`` of them (at seeded random positions)
+    replaced by questions about absent objects; unchanged when the share is 0."""
+    n = round(len(queries) * spec.sft_unanswerable_share)
+    if n == 0:
+        return queries
+    mixed = list(queries)
+    positions = random.Random(f"sft-unanswerable/{spec.seed}").sample(range(len(mixed)), n)
+    for position, query in zip(positions, unanswerable_queries("sft", n, spec.seed, spec.shapes())):
+        mixed[position] = query
+    return mixed
 
 
 def sft(model, processor, spec: TinySpec) -> dict:
@@ -298,6 +320,7 @@ def _encode_sft_items(processor, queries, spec: TinySpec) -> tuple[list, list]:
     """Prompt and target ids of the SFT items built from ``queries`` (plain answers, plus the
     box-chain and CoT formats at their shares)."""
     kinds = item_kinds(len(queries), spec.sft_box_share, spec.sft_cot_share, spec.seed)
+    kinds = [PLAIN if q["answer"] == UNANSWERABLE else kind for q, kind in zip(queries, kinds)]
     items = [format_item(q, kind) for q, kind in zip(queries, kinds)]
     prompts = [encode_prompt(processor, prompt, images) for prompt, images, _ in items]
     answers = [completion_ids(processor.tokenizer, target) for _, _, target in items]

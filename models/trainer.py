@@ -121,13 +121,20 @@ def reference_logps(model, processor, encoded: list[EncodedPair], batch_size: in
 
 
 def optimizer_setup(model, cfg: dict, total_steps: int):
-    """(trainable params, AdamW, warm-up + cosine LambdaLR, micro-batch size) from train cfg;
-    shared by the preference trainer and GRPO (models/grpo.py)."""
+    """(trainable params, optimizer, warm-up + cosine LambdaLR, micro-batch size) from train cfg;
+    shared by the preference trainer and GRPO (models/grpo.py). ``optimizer``: adamw (default) or
+    sgd with momentum 0.9, whose steps scale with the gradient (flows/schema.TrainSchema)."""
     micro = cfg["batch_size"] // cfg["grad_accum"]
     if micro < 1 or cfg["batch_size"] % cfg["grad_accum"]:
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be a multiple of train.grad_accum={cfg['grad_accum']}")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    name = cfg.get("optimizer", "adamw")
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    else:
+        raise ValueError(f"train.optimizer={name!r}: choose adamw or sgd")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, max(1, int(cfg["warmup_ratio"] * total_steps)))
     )

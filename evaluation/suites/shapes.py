@@ -100,7 +100,9 @@ class ShapesSource:
         spec_from_config(dict(self.suite))
 
     def answer_space(self) -> set[str]:
-        return answer_space(spec_from_config(dict(self.suite)))
+        # A refusal is a well-formed answer (a base whose SFT asked about absent objects gives it);
+        # it is never right on the suite's splits. Not in answer_space(): that feeds the tokenizer.
+        return answer_space(spec_from_config(dict(self.suite))) | {UNANSWERABLE}
 
 
 def answer_space(spec: ShapesSpec) -> set[str]:
@@ -191,6 +193,49 @@ def _ask(qtype: str, objects: list[dict], rng: random.Random, spec: ShapesSpec):
         side = "left" if (o["box"][0] + o["box"][2]) / 2 < half else "right"
         return f"Is the {o['shape']} on the left or the right?", side, o["box"]
     raise ValueError(f"unknown question type {qtype!r}")
+
+
+# The answer to a question about an object the image does not hold (VizWiz's convention, part of
+# LLaVA-1.5's SFT mix). Only the base's SFT can ask such questions (model.tiny.sft_unanswerable_share);
+# the suite's own splits never do, so on them "unanswerable" is a well-formed, wrong answer.
+UNANSWERABLE = "unanswerable"
+UNANSWERABLE_TYPES = ("colour", "shape", "position")
+
+
+def _ask_unanswerable(qtype: str, objects: list[dict], rng: random.Random, spec: ShapesSpec):
+    """(question, UNANSWERABLE, []) naming a shape (colour, position) or a colour (shape) that no
+    object in the image has, or None if every option is present."""
+    if qtype == "shape":
+        absent = [c for c in spec.colors if c not in {o["color"] for o in objects}]
+        return (f"What shape is the {rng.choice(absent)} object?", UNANSWERABLE, []) if absent else None
+    absent = [s for s in spec.shapes if s not in {o["shape"] for o in objects}]
+    if not absent:
+        return None
+    template = "What color is the {}?" if qtype == "colour" else "Is the {} on the left or the right?"
+    return template.format(rng.choice(absent)), UNANSWERABLE, []
+
+
+def unanswerable_queries(split: str, n: int, seed: int, spec: ShapesSpec) -> list[Query]:
+    """``n`` questions about absent objects (colour, shape and position in turn) on images drawn
+    from their own random stream of ``split``. Deterministic."""
+    rng = random.Random(f"unanswerable/{split_seed(split, seed)}")
+    types = [t for t in UNANSWERABLE_TYPES if t in spec.qtypes]
+    if not types:
+        raise ValueError(f"unanswerable questions need one of the types {UNANSWERABLE_TYPES} in the suite")
+    queries: list[Query] = []
+    while len(queries) < n:
+        qtype = types[len(queries) % len(types)]
+        objects = _place_objects(rng, spec)
+        asked = _ask_unanswerable(qtype, objects, rng, spec)
+        if asked is None:
+            continue
+        question, answer, _ = asked
+        queries.append(Query(
+            id=f"shapes-{split}-unanswerable-{seed}-{len(queries)}", image=render(objects, spec), question=question,
+            answer=answer, qtype=qtype, boxes=[[float(v) for v in o["box"]] for o in objects], target_box=[],
+            source="shapes",
+        ))
+    return queries
 
 
 def iter_queries(split: str, seed: int, spec: ShapesSpec | None = None) -> Iterator[Query]:

@@ -55,9 +55,10 @@ def test_default_selection():
     cfg = compose("config")
     assert cfg.method._target_ == "methods.seva.SeVa"
     assert cfg.model.name_or_path == "tiny" and cfg.model.tiny.patch_size == 8
-    assert cfg.loss._target_.endswith("DPOLoss") and cfg.loss.beta == 0.1
+    # SeVa's default loss is DPO + NLL (conf/method/seva.yaml) over one round
+    assert sorted(cfg.loss.components) == ["dpo", "sft"] and cfg.loss.components.dpo.loss.beta == 0.1
     assert cfg.judge._target_.endswith("CorrectnessJudge")
-    assert cfg.rounds == 3
+    assert cfg.rounds == 1 and compose("config", overrides=["method=reasoner"]).rounds == 3
 
 
 def test_real_model_configs_have_real_ids():
@@ -129,6 +130,8 @@ def test_every_experiment_variant_and_its_control_compose(experiment):
             assert control["train"]["steps_per_round"] == [1] * variant["rounds"]
             # the same queries: experiment=methods' reasoner variant sets no round size, its method does
             assert control["queries_per_round"] == variant["queries_per_round"]
+            # the same rounds: method=seva re-defaults them to one
+            assert control["rounds"] == variant["rounds"]
             # the same base model: experiment=methods' uvcot variant sets no SFT formats, its method does
             assert control["model"]["tiny"] == variant["model"]["tiny"]
             assert {k: v for k, v in control["train"].items() if k != "steps_per_round"} == \
@@ -169,7 +172,7 @@ def test_uvcot_evaluates_its_chain_on_every_held_out_item(overrides, size):
 def test_a_hub_model_ignores_the_tiny_formats():
     cfg = OmegaConf.to_container(compose("config", overrides=["method=uvcot", "model=llava7b"]), resolve=True)
     assert cfg["model"]["tiny"] is None
-    assert cfg["tiny_formats"] == {"box_share": 0.2, "cot_share": 0.1}
+    assert cfg["tiny_formats"] == {"box_share": 0.2, "cot_share": 0.1, "unanswerable_share": 0.0}
 
 
 def test_an_experiment_variant_interpolates_its_own_run_settings():
@@ -202,3 +205,44 @@ def test_a_later_tiny_option_at_its_off_value_leaves_the_run_key_unchanged():
     skewed = copy.deepcopy(cfg)
     skewed["model"]["tiny"].update(sft_favoured_share=0.7, sft_skew_steps=300)
     assert run_key(skewed) != run_key(dict(cfg, model=dict(cfg["model"], tiny=dict(cfg["model"]["tiny"], sft_favoured_share=0.7))))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["method=seva"], (1, 3e-5, "dpo_nll", 0.15)),
+    (["method=seva", "rounds=3", "train.lr=3e-4", "loss=dpo", "tiny_formats.unanswerable_share=0"], (3, 3e-4, "dpo", 0.0)),
+    (["method=reasoner"], (3, 3e-4, "dpo_nll", 0.0)),
+    (["method=mpo"], (3, 3e-4, "mpo", 0.0)),
+    (["experiment=seva_tuning", "method=seva", "loss=dpo"], (3, 3e-4, "dpo", 0.0)),
+])
+def test_seva_re_defaults_its_base_rounds_lr_and_loss_and_the_command_line_wins(overrides, expected):
+    """conf/method/seva.yaml selects a base with unanswerable SFT questions, one round at lr 3e-5
+    and DPO + NLL (README: seva_refusal_seeds_tuning); other methods keep 3 rounds at 3e-4 on a
+    plain base; the earlier SeVa probes pin the settings they measured."""
+    cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    parts = sorted(cfg["loss"].get("components", {}))
+    loss = "dpo" if cfg["loss"]["_target_"].endswith("DPOLoss") else {("dpo", "sft"): "dpo_nll"}.get(tuple(parts), "mpo")
+    assert (cfg["rounds"], cfg["train"]["lr"], loss, cfg["model"]["tiny"]["sft_unanswerable_share"]) == expected
+
+
+def test_an_unknown_optimizer_fails_before_any_stage():
+    from flows.schema import ConfigError, validate
+
+    validate(compose("config", overrides=["train.optimizer=sgd"]))
+    with pytest.raises(ConfigError, match="train.optimizer='adam' is not one of adamw, sgd"):
+        validate(compose("config", overrides=["train.optimizer=adam"]))
+
+
+@pytest.mark.parametrize("key,off", [(("train", "optimizer"), "adamw"),
+                                     (("model", "tiny", "sft_unanswerable_share"), 0.0)])
+def test_later_options_at_their_off_values_leave_the_run_key_unchanged(key, off):
+    import copy
+
+    from flows.iterate import run_key
+
+    cfg = OmegaConf.to_container(compose("config", overrides=["method=reasoner"]), resolve=True)
+    without = copy.deepcopy(cfg)
+    node = without
+    for part in key[:-1]:
+        node = node[part]
+    assert node.pop(key[-1]) == off
+    assert run_key(cfg) == run_key(without)

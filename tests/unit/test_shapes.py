@@ -115,3 +115,25 @@ def test_unknown_split_fails_before_any_stage():
     check_data({"data": {"source": source, "split": "train"}, "eval": {"source": source, "split": "validation"}})
     with pytest.raises(ConfigError, match=r"eval.source: unknown split 'valid'; choose from .*validation"):
         check_data({"data": {"source": source, "split": "train"}, "eval": {"source": source, "split": "valid"}})
+
+
+def test_unanswerable_questions_name_an_absent_object_and_cycle_their_types():
+    from evaluation.suites.shapes import UNANSWERABLE, ShapesSource, corpus, unanswerable_queries
+
+    spec = ShapesSpec(max_objects=2)
+    queries = unanswerable_queries("sft", 30, 0, spec)
+    assert [q["qtype"] for q in queries[:3]] == ["colour", "shape", "position"]
+    assert all(q["answer"] == UNANSWERABLE for q in queries)
+    assert [q["question"] for q in queries] == [q["question"] for q in unanswerable_queries("sft", 30, 0, spec)]
+    for q in queries:
+        named = q["question"].split(" the ")[1].split()[0].rstrip("?")
+        # the named shape (colour, position) or colour (shape) is in no object's pixels: the
+        # images are rendered from objects without it, so its RGB value never appears
+        if q["qtype"] == "shape":
+            from evaluation.suites.shapes import COLOR_RGB
+            assert COLOR_RGB[named] not in {c for _, c in q["image"].getcolors(4096)}
+        else:
+            assert named in spec.shapes
+    # a refusal is well-formed on the suite's splits (never right there) but not tokenizer text
+    assert UNANSWERABLE in ShapesSource(suite={"max_objects": 2}).answer_space()
+    assert UNANSWERABLE not in corpus(spec)

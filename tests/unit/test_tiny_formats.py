@@ -99,3 +99,25 @@ def test_sft_skew_steps_need_a_skew_and_fit_in_the_steps():
         sft_phases(TinySpec(sft_steps=10, sft_queries=50, sft_skew_steps=3))
     with pytest.raises(ValueError, match="must be in"):
         sft_phases(TinySpec(sft_steps=10, sft_queries=50, sft_favoured_share=0.6, sft_skew_steps=11))
+
+
+def test_unanswerable_share_replaces_exactly_that_share_of_the_sft_queries(tmp_path):
+    from evaluation.suites.shapes import UNANSWERABLE
+    from models.tiny import build_tokenizer, sft_phases
+
+    plain = sft_phases(TinySpec(sft_steps=10, sft_queries=200))[0][1]
+    mixed = sft_phases(TinySpec(sft_steps=10, sft_queries=200, sft_unanswerable_share=0.15))[0][1]
+    refusals = [i for i, q in enumerate(mixed) if q["answer"] == UNANSWERABLE]
+    assert len(refusals) == 30 and len(mixed) == 200
+    assert [q["id"] for i, q in enumerate(mixed) if i not in refusals] == \
+        [q["id"] for i, q in enumerate(plain) if i not in refusals]
+    assert TinySpec(sft_unanswerable_share=0.15).key() != TinySpec().key() == "83e6c9b4a7e1"
+    with pytest.raises(ValueError, match="sft_unanswerable_share"):
+        TinySpec(sft_unanswerable_share=1.0)
+    # the refusal is one word of the base's vocabulary only when its SFT teaches it
+    spec = TinySpec(sft_unanswerable_share=0.15, suite={"max_objects": 2})
+    tok = build_tokenizer(spec)
+    assert len(tok(UNANSWERABLE, add_special_tokens=False)["input_ids"]) == 1
+    built = ensure_tiny(TinySpec(sft_steps=4, sft_queries=64, check_queries=8, suite={"max_objects": 2},
+                                 sft_unanswerable_share=0.25, sft_box_share=0.5), tmp_path)
+    assert (built / "manifest.json").exists()

@@ -101,3 +101,25 @@ def test_dpo_training_without_resume_dir_still_works(tiny_model_dir):
     model, processor = load_policy(_model_cfg(tiny_model_dir), None, trainable=True)
     history = train_pairs(model, processor, _pairs(processor, model, n=8), DPOLoss(0.1), CFG, seed=0)
     assert len(history) == 6
+
+
+def test_sgd_steps_scale_with_the_gradient_where_adamw_steps_do_not():
+    """train.optimizer: AdamW's first step moves every weight by about lr whatever its gradient's
+    size (m / sqrt(v) is the gradient's sign); SGD's is lr x gradient (flows/schema.TrainSchema)."""
+    from models.trainer import optimizer_setup
+
+    def first_step(name: str) -> torch.Tensor:
+        model = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+        cfg = {"batch_size": 1, "grad_accum": 1, "lr": 0.1, "weight_decay": 0.0, "warmup_ratio": 0.0,
+               "optimizer": name}
+        _, optimizer, _, _ = optimizer_setup(model, cfg, total_steps=1)
+        model.weight.grad = torch.tensor([[1.0, 0.001]])
+        optimizer.step()
+        return -model.weight.detach()[0]
+
+    assert torch.allclose(first_step("adamw"), torch.tensor([0.1, 0.1]), rtol=1e-3)
+    assert torch.allclose(first_step("sgd"), torch.tensor([0.1, 0.0001]), rtol=1e-3)
+    with pytest.raises(ValueError, match="choose adamw or sgd"):
+        first_step("adam")
