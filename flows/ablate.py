@@ -60,8 +60,8 @@ def control_overrides(variant: list[str], variant_cfg: dict, steps: list[int]) -
     """Continued SFT on the same queries with the variant's train settings and, round by round,
     exactly the optimizer steps the variant took (``train.steps_per_round``). The round size, the
     round count and the embedded base's SFT formats are carried over explicitly: a method may
-    re-default them (conf/method/reasoner.yaml, uvcot.yaml, seva.yaml), and sft_control would otherwise fall back to the
-    schema's and train on other queries, or from another base."""
+    re-default them (conf/method/reasoner.yaml, uvcot.yaml, seva.yaml), and sft_control would
+    otherwise fall back to the schema's and train on other queries, or from another base."""
     kept = [o for o in variant if not o.split("=", 1)[0].split(".", 1)[0] in METHOD_KEYS]
     train = [f"train.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in variant_cfg["train"].items()
              if k != "steps_per_round"]

@@ -129,9 +129,9 @@ class TrainSchema:
     # a round then cannot shift the answer prior, only which answer each image supports.
     balance_pairs: bool = False
     # adamw | sgd (momentum 0.9). AdamW's first steps move every weight by about lr whatever its
-    # gradient's size (m / sqrt(v) is the gradient's sign at step 1), so a round of a few steps on
-    # a few pairs moves the model as far as one on thousands; an SGD step is proportional to the
-    # gradient, so weak or balanced evidence moves it little (models/trainer.optimizer_setup).
+    # gradient's size (m / sqrt(v) is the gradient's sign at step 1); an SGD step is proportional
+    # to the gradient. Measured for SeVa (README, seva_refusal_tuning): SGD puts its steps on the
+    # answer logits and shifts a type's answer prior harder, so adamw stays the default.
     optimizer: str = "adamw"
 
 
