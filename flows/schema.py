@@ -27,6 +27,7 @@ from methods.sft_control import ContinuedSFT
 from methods.seva import SeVa
 from methods.uvcot import UVCoT
 from models.distributed_train import LAUNCHERS, accelerate_config_path
+from models.trainer import OPTIMIZERS
 from models.losses import (
     BCOLoss,
     BCOPairLoss,
@@ -245,9 +246,6 @@ NON_RESULT_KEYS = ("rounds", "runs_dir", "tracking_uri", "experiment_name", "fau
 KEY_NEUTRAL_DEFAULTS = {("model", "tiny", "sft_skew_steps"): 0, ("model", "tiny", "sft_unanswerable_share"): 0.0,
                         ("train", "optimizer"): "adamw",
                         ("method", "temperature"): 0.0, ("method", "shared_noise"): False}
-
-
-OPTIMIZERS = ("adamw", "sgd")  # models/trainer.optimizer_setup
 
 
 class ConfigError(ValueError):

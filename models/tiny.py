@@ -252,14 +252,19 @@ def sft_phases(spec: TinySpec) -> list[tuple[int, list[Query]]]:
     """(first SFT step, the queries it draws from) for each phase of the base's SFT: balanced
     answers, skewed answers (``sft_favoured_share``), or balanced then skewed for the last
     ``sft_skew_steps`` steps."""
+    def balanced():
+        return make_queries("sft", spec.sft_queries, spec.seed, spec.shapes())
+
+    def skewed():
+        return skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share)
+
     if spec.sft_favoured_share == 0:
-        return [(0, _with_unanswerable(make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()), spec))]
-    skewed = _with_unanswerable(
-        skewed_queries("sft", spec.sft_queries, spec.seed, spec.shapes(), spec.sft_favoured_share), spec)
-    if spec.sft_skew_steps in (0, spec.sft_steps):
-        return [(0, skewed)]
-    balanced = _with_unanswerable(make_queries("sft", spec.sft_queries, spec.seed, spec.shapes()), spec)
-    return [(0, balanced), (spec.sft_steps - spec.sft_skew_steps, skewed)]
+        phases = [(0, balanced())]
+    elif spec.sft_skew_steps in (0, spec.sft_steps):
+        phases = [(0, skewed())]
+    else:
+        phases = [(0, balanced()), (spec.sft_steps - spec.sft_skew_steps, skewed())]
+    return [(first, _with_unanswerable(queries, spec)) for first, queries in phases]
 
 
 def _with_unanswerable(queries: list[Query], spec: TinySpec) -> list[Query]:

@@ -120,6 +120,13 @@ def reference_logps(model, processor, encoded: list[EncodedPair], batch_size: in
     return chosen, rejected
 
 
+# train.optimizer's choices (flows/schema checks the name before any stage).
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "sgd": lambda params, **kw: torch.optim.SGD(params, momentum=0.9, **kw),
+}
+
+
 def optimizer_setup(model, cfg: dict, total_steps: int):
     """(trainable params, optimizer, warm-up + cosine LambdaLR, micro-batch size) from train cfg;
     shared by the preference trainer and GRPO (models/grpo.py). ``optimizer``: adamw (default) or
@@ -129,12 +136,9 @@ def optimizer_setup(model, cfg: dict, total_steps: int):
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be a multiple of train.grad_accum={cfg['grad_accum']}")
     params = [p for p in model.parameters() if p.requires_grad]
     name = cfg.get("optimizer", "adamw")
-    if name == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    elif name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
-    else:
-        raise ValueError(f"train.optimizer={name!r}: choose adamw or sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer={name!r}: choose {' or '.join(OPTIMIZERS)}")
+    optimizer = OPTIMIZERS[name](params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, max(1, int(cfg["warmup_ratio"] * total_steps)))
     )

@@ -41,6 +41,10 @@ QUESTION_TYPES = ("colour", "shape", "count", "exist", "position")
 # Each split is its own random stream. `validation` is for tuning defaults (eval.split=validation),
 # so that `test` stays untouched by the choices it reports on.
 SPLIT_OFFSETS = {"sft": 1, "train": 2, "test": 3, "validation": 4}
+# The question about one object, by type: it names the object's shape (colour, position) or its
+# colour (shape). Shared by the splits, the base's unanswerable questions and the tokenizer corpus.
+ASK_ABOUT = {"colour": "What color is the {}?", "shape": "What shape is the {} object?",
+             "position": "Is the {} on the left or the right?"}
 
 
 @dataclass(frozen=True)
@@ -166,13 +170,13 @@ def _ask(qtype: str, objects: list[dict], rng: random.Random, spec: ShapesSpec):
         if not options:
             return None
         o = rng.choice(options)
-        return f"What color is the {o['shape']}?", o["color"], o["box"]
+        return ASK_ABOUT["colour"].format(o["shape"]), o["color"], o["box"]
     if qtype == "shape":
         options = _unique(objects, "color")
         if not options:
             return None
         o = rng.choice(options)
-        return f"What shape is the {o['color']} object?", o["shape"], o["box"]
+        return ASK_ABOUT["shape"].format(o["color"]), o["shape"], o["box"]
     if qtype == "count":
         return "How many shapes are there?", COUNT_WORDS[len(objects)], []
     if qtype == "exist":
@@ -191,7 +195,7 @@ def _ask(qtype: str, objects: list[dict], rng: random.Random, spec: ShapesSpec):
             return None
         o = rng.choice(options)
         side = "left" if (o["box"][0] + o["box"][2]) / 2 < half else "right"
-        return f"Is the {o['shape']} on the left or the right?", side, o["box"]
+        return ASK_ABOUT["position"].format(o["shape"]), side, o["box"]
     raise ValueError(f"unknown question type {qtype!r}")
 
 
@@ -207,12 +211,9 @@ def _ask_unanswerable(qtype: str, objects: list[dict], rng: random.Random, spec:
     object in the image has, or None if every option is present."""
     if qtype == "shape":
         absent = [c for c in spec.colors if c not in {o["color"] for o in objects}]
-        return (f"What shape is the {rng.choice(absent)} object?", UNANSWERABLE, []) if absent else None
-    absent = [s for s in spec.shapes if s not in {o["shape"] for o in objects}]
-    if not absent:
-        return None
-    template = "What color is the {}?" if qtype == "colour" else "Is the {} on the left or the right?"
-    return template.format(rng.choice(absent)), UNANSWERABLE, []
+    else:
+        absent = [s for s in spec.shapes if s not in {o["shape"] for o in objects}]
+    return (ASK_ABOUT[qtype].format(rng.choice(absent)), UNANSWERABLE, []) if absent else None
 
 
 def unanswerable_queries(split: str, n: int, seed: int, spec: ShapesSpec) -> list[Query]:
@@ -313,12 +314,12 @@ def corpus(spec: ShapesSpec | None = None) -> list[str]:
     spec = spec or ShapesSpec()
     lines = ["How many shapes are there?"]
     for c in spec.colors:
-        lines.append(f"What shape is the {c} object?")
+        lines.append(ASK_ABOUT["shape"].format(c))
         for s in spec.shapes:
             lines.append(f"Is there a {c} {s}?")
     for s in spec.shapes:
-        lines.append(f"What color is the {s}?")
-        lines.append(f"Is the {s} on the left or the right?")
+        lines.append(ASK_ABOUT["colour"].format(s))
+        lines.append(ASK_ABOUT["position"].format(s))
     lines.extend(sorted(answer_space(spec)))
     return lines
 
